@@ -1,0 +1,156 @@
+"""Deterministic, static-shape contrastive batches.
+
+Which examples a step sees is a pure function of ``(seed, step)``: example ``k`` of the run is the
+``k mod N``-th entry of epoch ``k // N``'s permutation, so a resumed run sees exactly the batches an
+uninterrupted run would. Hard negatives rotate across epochs. Each host builds the same global batch
+plan and keeps the rows of its own devices (``process_index``), so the code runs unchanged on a pod.
+
+Padding goes on the right up to the smallest length bucket that fits the longest sequence of the
+*global* batch (every host and device must agree on shapes); the examples never depend on buckets.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from axl_jax import ict
+from axl_jax.data import Passage, TrainExample, passage_text
+from axl_jax.tokenization import tokenize
+
+# Salts keep the random streams of different uses apart for the same (seed, epoch).
+_ORDER_SALT, _NEGATIVE_SALT, _ICT_SALT = 1, 2, 3
+
+
+def example_positions(seed: int, step: int, batch_size: int, num_examples: int) -> list[tuple[int, int]]:
+  """``(epoch, example_index)`` of each of the global batch's rows at ``step``."""
+  positions, permutations = [], {}
+  for k in range(step * batch_size, (step + 1) * batch_size):
+    epoch, offset = divmod(k, num_examples)
+    if epoch not in permutations:
+      permutations[epoch] = np.random.default_rng([seed, _ORDER_SALT, epoch]).permutation(num_examples)
+    positions.append((epoch, int(permutations[epoch][offset])))
+  return positions
+
+
+def bucket_length(longest: int, buckets: tuple[int, ...]) -> int:
+  for bucket in sorted(buckets):
+    if longest <= bucket:
+      return bucket
+  return max(buckets)
+
+
+def pad(sequences: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded ``[N, length]`` int32 ids (pad id 0 is never attended to) and their lengths."""
+  ids = np.zeros((len(sequences), length), np.int32)
+  lengths = np.zeros((len(sequences),), np.int32)
+  for row, sequence in enumerate(sequences):
+    sequence = sequence[:length]
+    ids[row, :len(sequence)] = sequence
+    lengths[row] = len(sequence)
+  return ids, lengths
+
+
+@dataclasses.dataclass
+class BatchShape:
+  batch_size: int                   # global queries per step
+  group_size: int                   # passages per query
+  query_buckets: tuple[int, ...]
+  passage_buckets: tuple[int, ...]
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self):
+    if self.batch_size % self.process_count:
+      raise ValueError(f"batch_size {self.batch_size} must divide evenly over {self.process_count} hosts")
+
+  def host_rows(self) -> slice:
+    per_host = self.batch_size // self.process_count
+    return slice(self.process_index * per_host, (self.process_index + 1) * per_host)
+
+  def assemble(self, queries: list[np.ndarray], passages: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """This host's rows, padded to the buckets that fit the whole global batch."""
+    query_length = bucket_length(max(len(q) for q in queries), self.query_buckets)
+    passage_length = bucket_length(max(len(p) for p in passages), self.passage_buckets)
+    rows = self.host_rows()
+    passage_rows = slice(rows.start * self.group_size, rows.stop * self.group_size)
+    query_ids, query_lengths = pad(queries[rows], query_length)
+    passage_ids, passage_lengths = pad(passages[passage_rows], passage_length)
+    return {"query_ids": query_ids, "query_lengths": query_lengths,
+            "passage_ids": passage_ids, "passage_lengths": passage_lengths}
+
+
+class SupervisedBatches:
+  """Groups of 1 positive + (group_size - 1) hard negatives per query, from ``TrainExample`` rows."""
+
+  def __init__(self, examples: list[TrainExample], tokenizer, shape: BatchShape, seed: int,
+               query_max_length: int, passage_max_length: int, title_separator: str):
+    self.examples, self.shape, self.seed = examples, shape, seed
+    self.query_tokens = tokenize(tokenizer, [e.query for e in examples], query_max_length)
+    # Passages are shared between queries (a BM25 negative is often another query's positive), so
+    # each distinct docid is tokenized once.
+    self.passage_index: dict[str, int] = {}
+    texts = []
+    for example in examples:
+      for passage in example.positives + example.negatives:
+        if passage.docid not in self.passage_index:
+          self.passage_index[passage.docid] = len(texts)
+          texts.append(passage_text(passage, title_separator))
+    self.passage_tokens = tokenize(tokenizer, texts, passage_max_length)
+    self.all_docids = list(self.passage_index)
+
+  def group(self, epoch: int, index: int) -> list[int]:
+    """Passage token indices for one query: positive first, then rotating hard negatives."""
+    example = self.examples[index]
+    rng = np.random.default_rng([self.seed, _NEGATIVE_SALT, epoch, index])
+    positive = example.positives[epoch % len(example.positives)]
+    wanted = self.shape.group_size - 1
+    negatives = [p.docid for p in example.negatives]
+    chosen = []
+    if negatives:
+      # Rotation: epoch e starts at a different offset, so every hard negative gets used.
+      start = (epoch * wanted) % len(negatives)
+      chosen = [negatives[(start + i) % len(negatives)] for i in range(min(wanted, len(negatives)))]
+    positives = {p.docid for p in example.positives}
+    while len(chosen) < wanted:  # Too few hard negatives: fill with random passages of the pool.
+      docid = self.all_docids[int(rng.integers(len(self.all_docids)))]
+      if docid not in positives or len(self.all_docids) <= len(positives):
+        chosen.append(docid)
+    return [self.passage_index[positive.docid]] + [self.passage_index[d] for d in chosen]
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    positions = example_positions(self.seed, step, self.shape.batch_size, len(self.examples))
+    queries = [self.query_tokens[index] for _, index in positions]
+    passages = [self.passage_tokens[p] for epoch, index in positions for p in self.group(epoch, index)]
+    return self.shape.assemble(queries, passages)
+
+
+class ICTBatches:
+  """ICT pseudo pairs made on the fly from corpus passages; in-batch negatives only (group_size 1)."""
+
+  def __init__(self, passages: list[tuple[str, Passage]], tokenizer, shape: BatchShape, seed: int,
+               query_max_length: int, passage_max_length: int, title_separator: str,
+               remove_prob: float, min_sentence_chars: int):
+    if shape.group_size != 1:
+      raise ValueError(f"ict.group_size must be 1 (ICT uses in-batch negatives only), got {shape.group_size}")
+    # Only passages of two or more sentences can make a pair.
+    self.passages = [(language, passage) for language, passage in passages
+                     if len(ict.split_sentences(passage.text, language, min_sentence_chars)) >= 2]
+    if not self.passages:
+      raise ValueError("ICT: no corpus passage has two sentences")
+    self.tokenizer, self.shape, self.seed = tokenizer, shape, seed
+    self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
+    self.title_separator, self.remove_prob, self.min_chars = title_separator, remove_prob, min_sentence_chars
+
+  def pair(self, epoch: int, index: int) -> tuple[str, str]:
+    language, passage = self.passages[index]
+    rng = np.random.default_rng([self.seed, _ICT_SALT, epoch, index])
+    query, context = ict.make_pair(passage, language, rng, self.remove_prob, self.min_chars)
+    return query, passage_text(context, self.title_separator)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    positions = example_positions(self.seed, step, self.shape.batch_size, len(self.passages))
+    pairs = [self.pair(epoch, index) for epoch, index in positions]
+    queries = tokenize(self.tokenizer, [q for q, _ in pairs], self.query_max_length)
+    passages = tokenize(self.tokenizer, [p for _, p in pairs], self.passage_max_length)
+    return self.shape.assemble(queries, passages)

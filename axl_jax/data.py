@@ -1,0 +1,259 @@
+"""Readers for the Mr.TyDi / Tevatron schema, from local JSON Lines (plain or gzip) or the HF hub.
+
+A data *spec* is either a glob of local files (``data/train/{lang}*.jsonl.gz``) or
+``hf:NAME:CONFIG:SPLIT`` read through ``datasets`` (``hf:castorini/mr-tydi:arabic:train``,
+``hf:Tevatron/msmarco-passage::train``). ``{root}``, ``{lang}``, ``{lang_name}`` and ``{split}`` expand.
+
+Every row is validated where it is read: a malformed line or a missing field raises ``DataError``
+naming the file, the line and the field. Empty passages are skipped and counted. This module does not
+tokenize or batch.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import os
+from typing import Iterator
+
+from absl import logging
+
+# Mr.TyDi's hub configs are language names, the data's files language codes.
+LANGUAGE_NAMES = {
+    "ar": "arabic", "bn": "bengali", "en": "english", "fi": "finnish", "id": "indonesian",
+    "ja": "japanese", "ko": "korean", "ru": "russian", "sw": "swahili", "te": "telugu", "th": "thai",
+}
+
+
+class DataError(ValueError):
+  """Bad input: the message names the file (or hub data set), the line (or row) and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+  docid: str
+  title: str
+  text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExample:
+  query_id: str
+  query: str
+  positives: tuple[Passage, ...]
+  negatives: tuple[Passage, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+  query_id: str
+  query: str
+  positive_docids: tuple[str, ...]
+
+
+def parse_languages(value: str, field: str = "data.languages") -> list[str]:
+  """Comma-separated language codes, each checked against the 11 the project knows."""
+  languages = [code.strip() for code in value.split(",") if code.strip()]
+  for code in languages:
+    if code not in LANGUAGE_NAMES:
+      raise DataError(f"config field {field}: unknown language code {code!r}; "
+                      f"expected some of {','.join(LANGUAGE_NAMES)}")
+  return languages
+
+
+def expand_spec(spec: str, root: str = "", language: str = "", split: str = "") -> str:
+  return spec.format(root=root, lang=language, lang_name=LANGUAGE_NAMES.get(language, ""), split=split)
+
+
+def passage_text(passage: Passage, title_separator: str) -> str:
+  """Title + separator + text, as Tevatron formats passages."""
+  if passage.title:
+    return f"{passage.title}{title_separator}{passage.text}"
+  return passage.text
+
+
+def _open_text(path: str) -> io.TextIOBase:
+  if path.endswith(".gz"):
+    return gzip.open(path, "rt", encoding="utf-8")
+  return open(path, encoding="utf-8")
+
+
+def iter_rows(spec: str) -> Iterator[tuple[str, int, dict]]:
+  """Yields ``(source, line_number, row)`` for every row of a local glob or an ``hf:`` data set."""
+  if spec.startswith("hf:"):
+    parts = spec[3:].split(":")
+    if len(parts) != 3:
+      raise DataError(f"data spec {spec!r}: expected hf:NAME:CONFIG:SPLIT (CONFIG may be empty)")
+    name, config_name, split = parts
+    import datasets  # Imported here: reading local files should not pay for it.
+    try:
+      dataset = datasets.load_dataset(name, config_name or None, split=split)
+    except Exception as error:  # The hub raises many types; all mean the same to a user.
+      raise DataError(
+          f"could not load hub data set {name!r} (config {config_name!r}, split {split!r}): {error}. "
+          "Without network access, download it elsewhere and point the config at local JSON Lines.") from error
+    source = f"hf:{name}:{config_name}:{split}"
+    for index, row in enumerate(dataset):
+      yield source, index + 1, row
+    return
+  paths = sorted(glob.glob(spec))
+  if not paths:
+    raise DataError(f"data spec {spec!r}: no file matches")
+  for path in paths:
+    with _open_text(path) as lines:
+      for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as error:
+          raise DataError(f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(row, dict):
+          raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+        yield path, line_number, row
+
+
+def _field(row: dict, name: str, kind: type, where: str):
+  if name not in row:
+    raise DataError(f"{where}: field {name!r} is missing")
+  value = row[name]
+  if not isinstance(value, kind):
+    raise DataError(f"{where}: field {name!r} should be {kind.__name__}, got {type(value).__name__}")
+  return value
+
+
+def _passage(row: dict, where: str) -> Passage:
+  if not isinstance(row, dict):
+    raise DataError(f"{where}: expected a passage object, got {type(row).__name__}")
+  title = row.get("title") or ""
+  if not isinstance(title, str):
+    raise DataError(f"{where}: field 'title' should be str, got {type(title).__name__}")
+  return Passage(str(_field(row, "docid", (str, int), where)), title.strip(), _field(row, "text", str, where).strip())
+
+
+class SkipCounter:
+  """Counts skipped rows by reason and logs one line per reason with the first place it happened."""
+
+  def __init__(self, what: str):
+    self.what = what
+    self.counts = collections.Counter()
+    self.first = {}
+
+  def skip(self, reason: str, where: str):
+    self.counts[reason] += 1
+    self.first.setdefault(reason, where)
+
+  def log(self):
+    for reason, count in self.counts.items():
+      logging.warning("%s: skipped %d rows with %s (first at %s)", self.what, count, reason, self.first[reason])
+
+
+def read_corpus(spec: str) -> list[Passage]:
+  """Corpus rows ``{docid, title, text}``; rows with an empty text are skipped and counted."""
+  passages, seen = [], set()
+  skipped = SkipCounter(f"corpus {spec}")
+  for source, line, row in iter_rows(spec):
+    where = f"{source}:{line}"
+    passage = _passage(row, where)
+    if passage.docid in seen:
+      raise DataError(f"{where}: field 'docid': {passage.docid!r} appears twice in the corpus")
+    seen.add(passage.docid)
+    if not passage.text:
+      skipped.skip("an empty 'text'", where)
+      continue
+    passages.append(passage)
+  skipped.log()
+  return passages
+
+
+def read_train(spec: str) -> list[TrainExample]:
+  """Training rows ``{query_id, query, positive_passages, negative_passages}``.
+
+  Empty passages are dropped and counted; a row left without a positive is skipped and counted.
+  """
+  examples = []
+  skipped = SkipCounter(f"training data {spec}")
+  for source, line, row in iter_rows(spec):
+    where = f"{source}:{line}"
+    query_id = str(_field(row, "query_id", (str, int), where))
+    query = _field(row, "query", str, where).strip()
+    if not query:
+      skipped.skip("an empty 'query'", where)
+      continue
+    groups = []
+    for name in ("positive_passages", "negative_passages"):
+      items = row.get(name, []) if name == "negative_passages" else _field(row, name, list, where)
+      if not isinstance(items, list):
+        raise DataError(f"{where}: field {name!r} should be list, got {type(items).__name__}")
+      kept = []
+      for index, item in enumerate(items):
+        passage = _passage(item, f"{where}: field '{name}[{index}]'")
+        if passage.text:
+          kept.append(passage)
+        else:
+          skipped.skip(f"an empty passage in '{name}' (the passage only)", where)
+      groups.append(tuple(kept))
+    if not groups[0]:
+      skipped.skip("no non-empty 'positive_passages'", where)
+      continue
+    examples.append(TrainExample(query_id, query, groups[0], groups[1]))
+  skipped.log()
+  if not examples:
+    raise DataError(f"training data {spec!r}: no usable rows")
+  return examples
+
+
+def read_queries(spec: str) -> list[Query]:
+  """Dev/test rows: ``query_id``, ``query`` and the docids of ``positive_passages`` (texts may be empty)."""
+  queries = []
+  for source, line, row in iter_rows(spec):
+    where = f"{source}:{line}"
+    positives = _field(row, "positive_passages", list, where)
+    docids = tuple(str(_field(item, "docid", (str, int), f"{where}: field 'positive_passages[{index}]'"))
+                   for index, item in enumerate(positives))
+    query = _field(row, "query", str, where).strip()
+    if not query:
+      raise DataError(f"{where}: field 'query' is empty")
+    queries.append(Query(str(_field(row, "query_id", (str, int), where)), query, docids))
+  return queries
+
+
+def read_qrels(path: str) -> dict[str, dict[str, int]]:
+  """TREC qrels ``qid iteration docid relevance`` (white-space separated)."""
+  qrels: dict[str, dict[str, int]] = collections.defaultdict(dict)
+  with _open_text(path) as lines:
+    for line_number, line in enumerate(lines, start=1):
+      fields = line.split()
+      if not fields:
+        continue
+      if len(fields) != 4:
+        raise DataError(f"{path}:{line_number}: expected 4 fields 'qid iter docid relevance', got {len(fields)}")
+      try:
+        relevance = int(fields[3])
+      except ValueError:
+        raise DataError(f"{path}:{line_number}: field 'relevance' should be an integer, got {fields[3]!r}") from None
+      qrels[fields[0]][fields[2]] = relevance
+  return dict(qrels)
+
+
+def qrels_from_queries(queries: list[Query]) -> dict[str, dict[str, int]]:
+  return {query.query_id: {docid: 1 for docid in query.positive_docids} for query in queries}
+
+
+def check_qrels(qrels: dict[str, dict[str, int]], docids: set[str], source: str):
+  """Every judged docid must be in the corpus: a missing one means the wrong corpus or a stale file."""
+  if os.path.exists(source):
+    with _open_text(source) as lines:
+      for line_number, line in enumerate(lines, start=1):
+        fields = line.split()
+        if len(fields) == 4 and fields[2] not in docids:
+          raise DataError(f"{source}:{line_number}: field 'docid': {fields[2]!r} is not in the corpus")
+    return
+  for query_id, judged in qrels.items():
+    for docid in judged:
+      if docid not in docids:
+        raise DataError(f"{source}: query {query_id!r}, field 'positive_passages.docid': "
+                        f"{docid!r} is not in the corpus")

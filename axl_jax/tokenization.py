@@ -1,0 +1,75 @@
+"""Tokenizers: a pretrained one from the HF hub or a local directory, or one trained on the corpus.
+
+Both end up as a ``transformers`` fast tokenizer (no torch involved). A trained tokenizer is a
+multilingual Unigram model (SentencePiece-style, as XLM-R uses, so scripts without spaces such as
+Japanese and Thai still get subwords) saved in ``<workdir>/tokenizer`` and reused when the run resumes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Iterable
+
+import numpy as np
+from absl import logging
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: str):
+  """Trains a Unigram tokenizer on ``texts`` and saves it to ``directory`` atomically."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tokenizer = Tokenizer(models.Unigram())
+  tokenizer.normalizer = normalizers.NFKC()
+  tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+  tokenizer.decoder = decoders.Metaspace()
+  trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="[UNK]",
+                                    max_piece_length=12, show_progress=False)
+  tokenizer.train_from_iterator(texts, trainer=trainer)
+  cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+  tokenizer.post_processor = processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+      special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+  wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+  partial = directory + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  wrapped.save_pretrained(partial)
+  os.replace(partial, directory)
+  return wrapped
+
+
+def load_tokenizer(name_or_path: str):
+  """A HF fast tokenizer from a local directory or a hub id, with an actionable error offline."""
+  from transformers import AutoTokenizer
+  try:
+    return AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+  except OSError as error:
+    raise OSError(f"could not load tokenizer {name_or_path!r}: {error}. Without network access, download it "
+                  "elsewhere (huggingface-cli download NAME --local-dir DIR) and set tokenizer.name_or_path=DIR.") from error
+
+
+def get_tokenizer(config, workdir: str, corpus_texts):
+  """The run's tokenizer: the configured one, else the one trained in ``workdir``, else train it now.
+
+  ``corpus_texts`` is a zero-argument callable so the corpus is only read when training is needed.
+  """
+  if config.tokenizer.name_or_path:
+    return load_tokenizer(config.tokenizer.name_or_path)
+  directory = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(directory, "tokenizer.json")):
+    logging.info("Reusing the tokenizer trained earlier in %s", directory)
+    return load_tokenizer(directory)
+  logging.info("Training a %d-piece Unigram tokenizer into %s", config.tokenizer.vocab_size, directory)
+  os.makedirs(workdir, exist_ok=True)
+  return train_tokenizer(corpus_texts(), config.tokenizer.vocab_size, directory)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[np.ndarray]:
+  """Token ids (with the model's special tokens) of each text, truncated to ``max_length``."""
+  if not texts:
+    return []
+  encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
+  return [np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]

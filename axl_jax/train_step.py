@@ -1,0 +1,104 @@
+"""Train state, optimiser and the per-device contrastive step, pmapped over the local devices.
+
+The step is written for one device with explicit collectives over ``AXIS``; ``jax.pmap`` maps it
+(on JAX >= 0.8 that is jit + shard_map). The state goes in and out un-replicated (``in_axes=None``,
+``out_axes=None``): gradients are ``pmean``-ed, so the updated state is identical on every device.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from axl_jax.encoder import BiEncoder
+from axl_jax.loss import contrastive_loss
+
+AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  skipped_steps: jax.Array       # steps whose loss or gradient was not finite (no update applied)
+
+
+def create_learning_rate_fn(stage_config) -> optax.Schedule:
+  """Linear warmup to the peak, then linear decay to zero at ``num_steps``."""
+  warmup = max(1, min(stage_config.warmup_steps, stage_config.num_steps))
+  decay = max(1, stage_config.num_steps - warmup)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, stage_config.learning_rate, warmup),
+       optax.linear_schedule(stage_config.learning_rate, 0.0, decay)],
+      boundaries=[warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices and embeddings; never on biases and LayerNorm scales."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale"), params)
+
+
+def create_optimizer(stage_config) -> optax.GradientTransformation:
+  parts = []
+  if stage_config.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(stage_config.grad_clip_norm))
+  parts.append(optax.adamw(create_learning_rate_fn(stage_config), weight_decay=stage_config.weight_decay,
+                           mask=_decay_mask))
+  return optax.chain(*parts)
+
+
+def create_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def train_step(state: TrainState, batch, dropout_rng, *, model: BiEncoder, optimizer, temperature: float):
+  """One optimiser step on this device's share of the global batch (call under ``pmap``)."""
+  rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), jax.lax.axis_index(AXIS))
+
+  def loss_fn(params):
+    query_embeddings, passage_embeddings = model.apply(
+        {"params": params}, batch["query_ids"], batch["query_lengths"], batch["passage_ids"],
+        batch["passage_lengths"], deterministic=False, rngs={"dropout": rng})
+    return contrastive_loss(query_embeddings, passage_embeddings, temperature, AXIS)
+
+  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # The all_gather's transpose already routed every device's loss to every passage, so the mean of
+  # the per-device gradients is the gradient of the global mean loss.
+  grads = jax.lax.pmean(grads, AXIS)
+  loss = jax.lax.pmean(loss, AXIS)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  metrics = {"loss": loss, "accuracy": jax.lax.pmean(accuracy, AXIS), "grad_norm": grad_norm,
+             "param_norm": optax.global_norm(new_state.params), "skipped_steps": new_state.skipped_steps}
+  return new_state, metrics
+
+
+def make_parallel_train_step(model: BiEncoder, optimizer, temperature: float):
+  """``train_step`` pmapped over the local devices, state un-replicated and donated.
+
+  Arguments: the state, a batch whose arrays lead with the local device count, a dropout key.
+  """
+  step = functools.partial(train_step, model=model, optimizer=optimizer, temperature=temperature)
+  return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=(0,))
+
+
+def shard_batch(batch: dict, num_devices: int) -> dict:
+  """Reshapes host-local ``[N, ...]`` arrays to ``[num_devices, N / num_devices, ...]``."""
+  def reshape(array):
+    if array.shape[0] % num_devices:
+      raise ValueError(f"batch of {array.shape[0]} rows does not divide over {num_devices} devices")
+    return array.reshape((num_devices, array.shape[0] // num_devices) + array.shape[1:])
+  return {name: reshape(array) for name, array in batch.items()}

@@ -1,0 +1,100 @@
+"""Defaults shared by every launch config; variants import ``get_config`` and override a few fields."""
+import ml_collections
+
+LANGUAGES = "ar,bn,en,fi,id,ja,ko,ru,sw,te,th"
+
+
+def train_stage(**overrides) -> ml_collections.ConfigDict:
+  """Fields of one contrastive training stage (``ict``, ``pretrain``, ``finetune``)."""
+  stage = ml_collections.ConfigDict()
+  stage.train_data = ""            # training rows: a glob of JSON Lines ({lang} expands) or hf:NAME:CONFIG:SPLIT
+  stage.languages = ""             # comma-separated language codes for {lang}; "" = no expansion
+  stage.num_steps = 1000           # optimiser steps
+  stage.batch_size = 32            # queries per step, over all devices of all hosts
+  stage.group_size = 8             # passages per query: 1 positive + (group_size - 1) hard negatives
+  stage.learning_rate = 2e-5       # peak AdamW learning rate
+  stage.warmup_steps = 100         # linear warmup, then linear decay to zero
+  stage.weight_decay = 0.01        # AdamW decay; never applied to biases and LayerNorm
+  stage.grad_clip_norm = 1.0       # global-norm clipping; 0 = off
+  stage.temperature = 1.0          # scores are dot products divided by this
+  stage.checkpoint_every = 500     # steps between orbax checkpoints (the last step is always saved)
+  stage.keep_checkpoints = 2       # how many checkpoints the stage keeps
+  stage.log_every = 50             # steps between metric writes
+  stage.init_checkpoint = ""       # start from this checkpoint directory instead of the previous stage
+  stage.update(overrides)
+  return stage
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0                                      # every random choice derives from (seed, step)
+  config.stages = "ict,pretrain,finetune,evaluate,export"  # run in this order; completed ones are skipped
+
+  config.model = ml_collections.ConfigDict()
+  config.model.vocab_size = 250002            # filled from the tokenizer when trained from scratch
+  config.model.hidden_size = 768
+  config.model.num_layers = 12
+  config.model.num_heads = 12
+  config.model.intermediate_size = 3072
+  config.model.max_position_embeddings = 514
+  config.model.type_vocab_size = 1            # 2 for BERT, 1 for XLM-R, 0 = no token types
+  config.model.position_offset = 2            # XLM-R counts positions from pad_token_id + 1; BERT: 0
+  config.model.layer_norm_eps = 1e-5          # XLM-R 1e-5, BERT 1e-12
+  config.model.hidden_dropout = 0.1
+  config.model.attention_dropout = 0.1
+  config.model.initializer_range = 0.02
+  config.model.pooling = "cls"                # cls | mean
+  config.model.projection_dim = 0             # 0 = no projection head
+  config.model.normalize = False              # L2-normalise embeddings
+  config.model.tied = True                    # one encoder for queries and passages
+  config.model.dtype = "float32"              # compute dtype (bfloat16 on accelerators); params stay float32
+  config.model.attention_impl = "xla"         # xla | cudnn (flash attention on NVIDIA) | auto
+  config.model.remat = False                  # rematerialise each layer (long passages, big batches)
+  config.model.init_from = ""                 # HF checkpoint to start from (arrives with the checkpoint issue)
+
+  config.tokenizer = ml_collections.ConfigDict()
+  config.tokenizer.name_or_path = "xlm-roberta-base"  # HF hub id or local dir; "" = train one on the corpus
+  config.tokenizer.vocab_size = 8000          # for a tokenizer trained from scratch
+  config.tokenizer.train_docs_per_language = 5000
+
+  config.data = ml_collections.ConfigDict()
+  config.data.root = ""                       # expands as {root} in every data path
+  config.data.languages = LANGUAGES           # languages of the corpus, evaluation and export
+  config.data.corpus = "hf:castorini/mr-tydi-corpus:{lang_name}:train"  # or a glob of JSON Lines
+  config.data.queries = "hf:castorini/mr-tydi:{lang_name}:{split}"      # dev/test query rows
+  config.data.qrels = ""                      # TREC qrels file ("" = read positives from the query rows)
+  config.data.query_max_length = 64
+  config.data.passage_max_length = 256
+  config.data.passage_length_buckets = "64,128,256"  # pad each batch to the smallest bucket that fits
+  config.data.title_separator = " "           # passage text = title + separator + text (Tevatron)
+
+  config.ict = train_stage(num_steps=10000, batch_size=256, group_size=1, learning_rate=1e-4,
+                           warmup_steps=1000, temperature=1.0)
+  config.ict.corpus = ""                      # passages for pseudo pairs ("" = data.corpus)
+  config.ict.remove_sentence_prob = 0.9       # ORQA: the query sentence leaves its passage 90% of the time
+  config.ict.min_sentence_chars = 5           # shorter pieces are not used as pseudo-queries
+
+  config.pretrain = train_stage(train_data="hf:Tevatron/msmarco-passage::train", num_steps=10000)
+  config.finetune = train_stage(train_data="hf:castorini/mr-tydi:{lang_name}:train",
+                                languages=LANGUAGES, num_steps=50000)
+
+  config.evaluate = ml_collections.ConfigDict()
+  config.evaluate.split = "dev"               # query split: dev | test
+  config.evaluate.checkpoint = ""             # evaluate this checkpoint dir ("" = the last trained stage)
+  config.evaluate.depth = 100                 # hits kept per query
+  config.evaluate.index = "flat"              # flat (exact inner product) | ivf | hnsw
+  config.evaluate.ivf_lists = 4096
+  config.evaluate.hnsw_neighbors = 32
+  config.evaluate.encode_batch_size = 256
+  config.evaluate.shard_size = 1000000        # passages per exported shard; FAISS searches shard by shard
+  config.evaluate.bm25 = True                 # report BM25 on the same data beside the dense model
+  config.evaluate.also_checkpoints = ""       # extra stages to evaluate for the table, e.g. "ict"
+
+  config.export = ml_collections.ConfigDict()
+  config.export.checkpoint = ""               # export this checkpoint dir ("" = the last trained stage)
+  config.export.splits = "dev"                # query splits to export beside the corpus
+
+  config.logging = ml_collections.ConfigDict()
+  config.logging.wandb = False                # also log to Weights & Biases (needs `pip install wandb`)
+  config.logging.wandb_project = "axl-jax"
+  return config
