@@ -1,0 +1,30 @@
+"""Entry point: ``python -m axl_jax.main --config=configs/demo.py --workdir=runs/demo``.
+
+Any config field can be overridden on the command line (``--config.finetune.learning_rate=3e-5``,
+``--config.stages=evaluate``); a misspelt field fails at once because the config is locked.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, embeddings and results.")
+config_flags.DEFINE_config_file("config", None, "Launch config (a Python file with get_config()).",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # clu's writers import TensorFlow; keep it off the accelerators JAX uses (as the Flax examples do).
+  import tensorflow as tf
+  tf.config.experimental.set_visible_devices([], "GPU")
+  import jax
+  from axl_jax import stages
+  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  stages.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
