@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -53,19 +54,29 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params_tree, abs
   return restored["params"], restored["opt_state"], restored["meta"]
 
 
-def restore_params(path: str, abstract_params_tree) -> Any:
-  """Parameters from a stage's ``checkpoints`` dir (latest step) or from one step's directory."""
+def restore_params(path: str, model_config):
+  """``(params, model_config)`` from a stage's ``checkpoints`` dir (latest step) or one step's dir.
+
+  Checkpoints carry the model config they were trained with, so any checkpoint can be evaluated or
+  exported without repeating its architecture on the command line; ``model_config`` is the fallback
+  for checkpoints without one.
+  """
   path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "params")):
-    return ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract_params_tree)
-  if not os.path.isdir(path):
+  if os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
+    directory, step = os.path.dirname(path), int(os.path.basename(path))
+  elif os.path.isdir(path):
+    directory, step = path, ocp.CheckpointManager(path).latest_step()
+    if step is None:
+      raise FileNotFoundError(f"checkpoint directory {path!r} holds no finished checkpoint")
+  else:
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-  manager = ocp.CheckpointManager(path)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"checkpoint directory {path!r} holds no finished checkpoint")
-  return manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params_tree)))["params"]
+  manager = ocp.CheckpointManager(directory)
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  if meta.get("model"):
+    model_config = ml_collections.ConfigDict(meta["model"])
+  params = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params(model_config))))["params"]
+  return params, model_config
 
 
 def write_json_atomic(path: str, value) -> None:

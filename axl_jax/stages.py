@@ -101,7 +101,10 @@ def _initial_params(ctx: Context, name: str, stage_config):
   def initial():
     if source:
       logging.info("%s starts from %s", name, source)
-      return checkpoints.restore_params(source, checkpoints.abstract_params(ctx.config.model))
+      params, model_config = checkpoints.restore_params(source, ctx.config.model)
+      if model_config.to_dict() != ctx.config.model.to_dict():
+        logging.warning("%s: %s was trained with another model config; its parameters must still fit", name, source)
+      return params
     logging.info("%s starts from a random initialisation (seed %d)", name, ctx.config.seed)
     return jax.device_put(encoder.init_params(ctx.config.model, jax.random.key(ctx.config.seed)),
                           checkpoints.replicated_sharding())
@@ -153,13 +156,13 @@ def _checkpoint_for(ctx: Context, field_value: str, what: str) -> str:
 
 
 def _encoder_for(ctx: Context, checkpoint: str):
-  params = checkpoints.restore_params(checkpoint, checkpoints.abstract_params(ctx.config.model))
+  params, model_config = checkpoints.restore_params(checkpoint, ctx.config.model)
   config = ctx.config
 
   def encode(texts: list[str], tower: str, description: str) -> np.ndarray:
     max_length = config.data.query_max_length if tower == "query" else config.data.passage_max_length
     buckets = ctx.query_buckets() if tower == "query" else ctx.passage_buckets()
-    return embeddings.encode_texts(params, config.model, ctx.tokenizer, texts, tower, max_length, buckets,
+    return embeddings.encode_texts(params, model_config, ctx.tokenizer, texts, tower, max_length, buckets,
                                    config.evaluate.encode_batch_size, description)
   return encode
 

@@ -1,8 +1,10 @@
 """Tokenizers: a pretrained one from the HF hub or a local directory, or one trained on the corpus.
 
 Both end up as a ``transformers`` fast tokenizer (no torch involved). A trained tokenizer is a
-multilingual Unigram model (SentencePiece-style, as XLM-R uses, so scripts without spaces such as
-Japanese and Thai still get subwords) saved in ``<workdir>/tokenizer`` and reused when the run resumes.
+multilingual BPE over SentencePiece-style ``▁`` pre-tokens (so scripts without spaces such as Japanese
+and Thai still get subwords), saved in ``<workdir>/tokenizer`` and reused when the run resumes. BPE
+rather than Unigram because its training is deterministic: the same corpus gives the same vocabulary,
+so two runs with one seed train the same model.
 """
 from __future__ import annotations
 
@@ -17,16 +19,16 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: str):
-  """Trains a Unigram tokenizer on ``texts`` and saves it to ``directory`` atomically."""
+  """Trains a BPE tokenizer on ``texts`` and saves it to ``directory`` atomically."""
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
 
-  tokenizer = Tokenizer(models.Unigram())
+  tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
   tokenizer.normalizer = normalizers.NFKC()
   tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
   tokenizer.decoder = decoders.Metaspace()
-  trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="[UNK]",
-                                    max_piece_length=12, show_progress=False)
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, max_token_length=16,
+                                show_progress=False)
   tokenizer.train_from_iterator(texts, trainer=trainer)
   cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
   tokenizer.post_processor = processors.TemplateProcessing(
@@ -62,7 +64,7 @@ def get_tokenizer(config, workdir: str, corpus_texts):
   if os.path.exists(os.path.join(directory, "tokenizer.json")):
     logging.info("Reusing the tokenizer trained earlier in %s", directory)
     return load_tokenizer(directory)
-  logging.info("Training a %d-piece Unigram tokenizer into %s", config.tokenizer.vocab_size, directory)
+  logging.info("Training a %d-piece BPE tokenizer into %s", config.tokenizer.vocab_size, directory)
   os.makedirs(workdir, exist_ok=True)
   return train_tokenizer(corpus_texts(), config.tokenizer.vocab_size, directory)
 

@@ -98,7 +98,7 @@ def train(stage_name: str, stage_config, config, workdir: str, batches, initial_
       if done % stage_config.checkpoint_every == 0 or done == stage_config.num_steps:
         checkpoints.save(manager, done, state.params, state.opt_state,
                          {"step": done, "data_step": done, "skipped_steps": int(state.skipped_steps),
-                          "seed": config.seed})
+                          "seed": config.seed, "model": config.model.to_dict()})
   manager.wait_until_finished()
   final = {name: float(value) for name, value in metrics.items()}
   final["steps"] = stage_config.num_steps

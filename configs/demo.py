@@ -13,7 +13,7 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def get_config():
   config = default.get_config()
-  config.tokenizer.name_or_path = ""          # train a Unigram tokenizer on the corpus
+  config.tokenizer.name_or_path = ""          # train a BPE tokenizer on the corpus
   config.tokenizer.vocab_size = 8000
   config.tokenizer.train_docs_per_language = 3000
 
