@@ -13,13 +13,16 @@ def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
   A judged query missing from the run counts as zero (trec_eval -c), so a retriever cannot gain by
   returning nothing for hard queries.
   """
-  run = {qid: run.get(qid, {}) for qid in qrels}
-  empty = [qid for qid, hits in run.items() if not hits]
-  filled = {qid: hits for qid, hits in run.items() if hits}
-  values = ir_measures.calc_aggregate(list(MEASURES.values()), qrels, filled) if filled else {}
-  scale = len(filled) / max(1, len(qrels))
-  return {name: float(values.get(measure, 0.0)) * scale for name, measure in MEASURES.items()} | {
-      "queries": len(qrels), "queries_without_hits": len(empty)}
+  # Averaged here over every judged query, whatever the provider does with queries absent from a run.
+  per_query: dict[str, dict] = {qid: {} for qid in qrels}
+  hits = {qid: run[qid] for qid in qrels if run.get(qid)}
+  if hits:
+    for value in ir_measures.iter_calc(list(MEASURES.values()), qrels, hits):
+      per_query[value.query_id][value.measure] = value.value
+  count = max(1, len(qrels))
+  averages = {name: sum(values.get(measure, 0.0) for values in per_query.values()) / count
+              for name, measure in MEASURES.items()}
+  return averages | {"queries": len(qrels), "queries_without_hits": len(qrels) - len(hits)}
 
 
 def write_trec_run(path: str, run: dict[str, dict[str, float]], tag: str):

@@ -71,6 +71,9 @@ def train(stage_name: str, stage_config, config, workdir: str, batches, initial_
   else:
     start = 0
     state = ts.create_train_state(initial_params(), optimizer)
+  # Committed and replicated from the start, so the first step's output matches its input and the
+  # step compiles once.
+  state = jax.device_put(state, checkpoints.replicated_sharding())
   num_devices = jax.local_device_count()
   p_train_step = ts.make_parallel_train_step(model, optimizer, stage_config.temperature)
   # One dropout stream per stage, folded with the step inside the step function.

@@ -18,7 +18,7 @@ def get_config():
   config.tokenizer.train_docs_per_language = 3000
 
   config.model.update(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
-                      max_position_embeddings=256, type_vocab_size=0, position_offset=0,
+                      max_position_embeddings=128, type_vocab_size=0, position_offset=0,
                       layer_norm_eps=1e-12, hidden_dropout=0.1, attention_dropout=0.0,
                       pooling="mean", normalize=True)
 
@@ -27,16 +27,16 @@ def get_config():
   config.data.queries = "{root}/{split}/{lang}.jsonl.gz"
   config.data.qrels = "{root}/qrels/{split}.{lang}.tsv"
   config.data.query_max_length = 32
-  config.data.passage_max_length = 128
-  config.data.passage_length_buckets = "64,96,128"
+  config.data.passage_max_length = 96
+  config.data.passage_length_buckets = "64,96"
 
   # Normalised embeddings need a temperature well below 1 for the softmax to be sharp.
   common = dict(temperature=0.05, weight_decay=0.01, checkpoint_every=200, log_every=50, keep_checkpoints=1)
-  config.ict.update(num_steps=600, batch_size=64, group_size=1, learning_rate=1e-3, warmup_steps=60, **common)
-  config.pretrain.update(train_data="{root}/pretrain-en/train*.jsonl.gz", languages="", num_steps=200,
+  config.ict.update(num_steps=400, batch_size=64, group_size=1, learning_rate=1e-3, warmup_steps=40, **common)
+  config.pretrain.update(train_data="{root}/pretrain-en/train*.jsonl.gz", languages="", num_steps=150,
                          batch_size=32, group_size=3, learning_rate=5e-4, warmup_steps=20, **common)
   config.finetune.update(train_data="{root}/train/{lang}*.jsonl.gz", languages=default.LANGUAGES,
-                         num_steps=600, batch_size=32, group_size=3, learning_rate=5e-4, warmup_steps=50,
+                         num_steps=500, batch_size=32, group_size=3, learning_rate=5e-4, warmup_steps=50,
                          **common)
 
   config.evaluate.split = "dev"

@@ -1,0 +1,36 @@
+"""The ICT-P baseline on Mr.TyDi: ICT on the 11 Mr.TyDi corpora, MS MARCO (10K steps), Mr.TyDi (50K steps).
+
+A base-size XLM-R-shaped encoder with the ``xlm-roberta-base`` tokenizer. Until the checkpoint issue
+lands, ``model.init_from`` is not read and the encoder starts from a random initialisation.
+Data comes from the HF hub (``castorini/mr-tydi``, ``castorini/mr-tydi-corpus``,
+``Tevatron/msmarco-passage``); without network access, point the data fields at local JSON Lines:
+
+  --config.data.corpus='/data/mrtydi/corpus/{lang}.jsonl.gz' --config.data.queries=...
+"""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.tokenizer.name_or_path = "xlm-roberta-base"
+  config.model.init_from = "xlm-roberta-base"
+  config.model.update(vocab_size=250002, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                      max_position_embeddings=514, type_vocab_size=1, position_offset=2, layer_norm_eps=1e-5,
+                      pooling="cls", normalize=False, dtype="bfloat16", attention_impl="auto")
+  config.data.languages = default.LANGUAGES
+  config.data.query_max_length = 64
+  config.data.passage_max_length = 256
+
+  config.ict.update(num_steps=10000, batch_size=256, group_size=1, learning_rate=1e-4, warmup_steps=1000,
+                    checkpoint_every=1000)
+  config.pretrain.update(train_data="hf:Tevatron/msmarco-passage::train", languages="", num_steps=10000,
+                         batch_size=128, group_size=8, learning_rate=2e-5, warmup_steps=1000,
+                         checkpoint_every=1000)
+  config.finetune.update(train_data="hf:castorini/mr-tydi:{lang_name}:train", languages=default.LANGUAGES,
+                         num_steps=50000, batch_size=128, group_size=8, learning_rate=1e-5, warmup_steps=1000,
+                         checkpoint_every=2000)
+  config.evaluate.split = "test"
+  config.evaluate.also_checkpoints = "ict"
+  config.evaluate.encode_batch_size = 1024
+  config.export.splits = "dev,test"
+  return config

@@ -1,0 +1,68 @@
+"""Bad input names the file, the line and the field; config mistakes fail at launch."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from axl_jax import data
+from tests.helpers import REPO
+
+
+def _write(path, lines):
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "wt", encoding="utf-8") as file:
+    file.write("\n".join(lines) + "\n")
+  return str(path)
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+  path = _write(tmp_path / "train.jsonl.gz", ['{"query_id": "q1", "query": "x", "positive_passages": []}', "{oops"])
+  with pytest.raises(data.DataError, match=r"train.jsonl.gz:2: malformed JSON"):
+    data.read_train(path)
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+  row = {"query_id": "q1", "query": "x", "positive_passages": [{"docid": "d1", "title": "t"}]}
+  path = _write(tmp_path / "train.jsonl", [json.dumps(row)])
+  with pytest.raises(data.DataError, match=r"train.jsonl:1: field 'positive_passages\[0\]': field 'text' is missing"):
+    data.read_train(path)
+
+
+def test_empty_passages_are_skipped_and_counted(tmp_path, caplog):
+  path = _write(tmp_path / "corpus.jsonl", [json.dumps({"docid": "a", "title": "", "text": "hello"}),
+                                            json.dumps({"docid": "b", "title": "t", "text": "  "})])
+  passages = data.read_corpus(path)
+  assert [p.docid for p in passages] == ["a"]
+  assert "skipped 1 rows with an empty 'text' (first at" in caplog.text and "corpus.jsonl:2" in caplog.text
+
+
+def test_qrels_docid_missing_from_corpus(tmp_path):
+  path = _write(tmp_path / "dev.tsv", ["q1 0 d1 1", "q2 0 d404 1"])
+  with pytest.raises(data.DataError, match=r"dev.tsv:2: field 'docid': 'd404' is not in the corpus"):
+    data.check_qrels(data.read_qrels(path), {"d1"}, path)
+
+
+def test_unknown_language_code():
+  with pytest.raises(data.DataError, match=r"data.languages: unknown language code 'xx'"):
+    data.parse_languages("en,xx")
+
+
+def _launch(*overrides):
+  return subprocess.run([sys.executable, "-m", "axl_jax.main", "--config=tests/configs/tiny.py",
+                         "--workdir=/tmp/axl-never-written", *overrides], cwd=REPO, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO), timeout=300)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.finetune.learning_rat=1", "learning_rat"),
+    ("--config.stages=ict,finetuen", "unknown stage 'finetuen'"),
+    ("--config.data.languages=en,zz", "unknown language code 'zz'"),
+    ("--config.data.root=/nonexistent", "does not exist"),
+])
+def test_config_mistakes_fail_at_launch(override, message):
+  result = _launch(override)
+  assert result.returncode != 0 and message in result.stderr
+  assert not os.path.exists("/tmp/axl-never-written/ict")
