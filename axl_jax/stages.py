@@ -63,8 +63,12 @@ class Context:
     for name in reversed(order):
       manifest = self.completed_manifest(name)
       if manifest and manifest.get("checkpoint"):
-        return manifest["checkpoint"]
+        return self.stage_checkpoints(name)
     return None
+
+  def stage_checkpoints(self, name: str) -> str:
+    # From the workdir, not the manifest's absolute path, so a moved or copied workdir still works.
+    return os.path.abspath(os.path.join(self.stage_dir(name), "checkpoints"))
 
   @property
   def languages(self) -> list[str]:
@@ -197,10 +201,10 @@ def evaluate_stage(ctx: Context) -> StageResult:
     manifest = ctx.completed_manifest(name)
     if manifest is None:
       raise FileNotFoundError(f"evaluate.also_checkpoints: stage {name!r} has not completed in {ctx.workdir}")
-    systems[name] = manifest["checkpoint"]
+    systems[name] = ctx.stage_checkpoints(name)
   final = _checkpoint_for(ctx, config.evaluate.checkpoint, "evaluate")
   final_name = next((n for n in reversed(TRAIN_STAGES) if ctx.completed_manifest(n)
-                     and ctx.completed_manifest(n)["checkpoint"] == final), "model")
+                     and ctx.stage_checkpoints(n) == os.path.abspath(final)), "model")
   systems[final_name] = final
   results: dict[str, dict[str, dict]] = {}
   encoders = {name: _encoder_for(ctx, checkpoint) for name, checkpoint in systems.items()}
