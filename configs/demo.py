@@ -36,7 +36,7 @@ def get_config():
   config.pretrain.update(train_data="{root}/pretrain-en/train*.jsonl.gz", languages="", num_steps=150,
                          batch_size=32, group_size=3, learning_rate=5e-4, warmup_steps=20, **common)
   config.finetune.update(train_data="{root}/train/{lang}*.jsonl.gz", languages=default.LANGUAGES,
-                         num_steps=500, batch_size=32, group_size=3, learning_rate=5e-4, warmup_steps=50,
+                         num_steps=500, batch_size=32, group_size=3, learning_rate=2e-4, warmup_steps=50,
                          **common)
 
   config.evaluate.split = "dev"
