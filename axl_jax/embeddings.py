@@ -30,11 +30,12 @@ def _encode_fn(model_config_json: str, tower: str):
 
 
 def encode_texts(params, model_config, tokenizer, texts: list[str], tower: str, max_length: int,
-                 buckets: tuple[int, ...], batch_size: int, description: str = "encode") -> np.ndarray:
+                 buckets: tuple[int, ...], batch_size: int, progress: tqdm | None = None) -> np.ndarray:
   """Float32 embeddings ``[len(texts), dim]`` of ``texts`` through the ``query`` or ``passage`` tower.
 
   Texts are sorted by length so each batch pads to a small bucket; every batch has the same row
-  count (the last is padded with empty rows) so each bucket compiles once.
+  count (the last is padded with empty rows) so each bucket compiles once. ``progress`` (a tqdm bar)
+  advances by one per text.
   """
   encode = _encode_fn(json.dumps(model_config.to_dict(), sort_keys=True), tower)
   num_devices = jax.device_count()
@@ -43,7 +44,7 @@ def encode_texts(params, model_config, tokenizer, texts: list[str], tower: str, 
   tokens = tokenize(tokenizer, texts, max_length)
   order = np.argsort([len(t) for t in tokens], kind="stable")
   output = None
-  for start in tqdm(range(0, len(order), batch_size), desc=description, unit="batch", leave=False):
+  for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
     batch = [tokens[i] for i in rows]
     batch += [np.zeros((1,), np.int32)] * (batch_size - len(batch))
@@ -52,6 +53,8 @@ def encode_texts(params, model_config, tokenizer, texts: list[str], tower: str, 
     if output is None:
       output = np.zeros((len(texts), embeddings.shape[1]), np.float32)
     output[rows] = embeddings[:len(rows)]
+    if progress is not None:
+      progress.update(len(rows))
   return output if output is not None else np.zeros((0, 0), np.float32)
 
 
@@ -67,8 +70,9 @@ def _save_text_atomic(path: str, lines: list[str]):
   os.replace(path + ".partial", path)
 
 
-def export_shards(directory: str, name: str, ids: list[str], embed_fn, shard_size: int, manifest: dict) -> dict:
-  """Writes ``embed_fn(ids[a:b])`` shard by shard; returns (and writes) the manifest.
+def export_shards(directory: str, name: str, ids: list[str], embed_fn, shard_size: int, manifest: dict,
+                  description: str = "") -> dict:
+  """Writes ``embed_fn(ids[a:b], progress)`` shard by shard; returns (and writes) the manifest.
 
   Shards already on disk from an interrupted run of the same checkpoint are kept, not recomputed.
   """
@@ -83,14 +87,18 @@ def export_shards(directory: str, name: str, ids: list[str], embed_fn, shard_siz
             os.remove(os.path.join(directory, stale))
   checkpoints.write_json_atomic(progress_path, {"checkpoint": manifest.get("checkpoint")})
   shards = []
+  progress = tqdm(total=len(ids), desc=description or name, unit="text", leave=False)
   for index, start in enumerate(range(0, max(len(ids), 1), shard_size)):
     shard_ids = ids[start:start + shard_size]
     stem = os.path.join(directory, f"{name}.{index:05d}")
     if not (os.path.exists(stem + ".npy") and os.path.exists(stem + ".ids.txt")):
-      _save_npy_atomic(stem + ".npy", embed_fn(shard_ids).astype(np.float32))
+      _save_npy_atomic(stem + ".npy", embed_fn(shard_ids, progress).astype(np.float32))
       _save_text_atomic(stem + ".ids.txt", shard_ids)
+    else:
+      progress.update(len(shard_ids))
     shards.append({"embeddings": os.path.basename(stem) + ".npy", "ids": os.path.basename(stem) + ".ids.txt",
                    "count": len(shard_ids)})
+  progress.close()
   manifest = dict(manifest, name=name, count=len(ids), shards=shards)
   checkpoints.write_json_atomic(manifest_path, manifest)
   return manifest

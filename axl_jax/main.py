@@ -19,11 +19,19 @@ def main(argv):
   # clu's writers import TensorFlow; keep it off the accelerators JAX uses (as the Flax examples do).
   import tensorflow as tf
   tf.config.experimental.set_visible_devices([], "GPU")
+  # Orbax logs every save and restore at INFO; keep its warnings, drop the chatter.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname)
+  import os
   import jax
   from axl_jax import stages
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   stages.run(FLAGS.config, FLAGS.workdir)
+  results = os.path.join(FLAGS.workdir, "evaluate", "results.md")
+  if os.path.exists(results) and jax.process_index() == 0:
+    with open(results, encoding="utf-8") as file:
+      print(f"\nResults ({results}):\n\n{file.read()}", flush=True)
 
 
 if __name__ == "__main__":

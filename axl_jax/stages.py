@@ -163,11 +163,11 @@ def _encoder_for(ctx: Context, checkpoint: str):
   params, model_config = checkpoints.restore_params(checkpoint, ctx.config.model)
   config = ctx.config
 
-  def encode(texts: list[str], tower: str, description: str) -> np.ndarray:
+  def encode(texts: list[str], tower: str, progress) -> np.ndarray:
     max_length = config.data.query_max_length if tower == "query" else config.data.passage_max_length
     buckets = ctx.query_buckets() if tower == "query" else ctx.passage_buckets()
     return embeddings.encode_texts(params, model_config, ctx.tokenizer, texts, tower, max_length, buckets,
-                                   config.evaluate.encode_batch_size, description)
+                                   config.evaluate.encode_batch_size, progress)
   return encode
 
 
@@ -180,14 +180,14 @@ def _export_language(ctx: Context, encode, directory: str, language: str, splits
   header = {"checkpoint": checkpoint, "language": language, "model": config.model.to_dict()}
   manifests = {"corpus": embeddings.export_shards(
       directory, "corpus", [p.docid for p in corpus],
-      lambda ids: encode([texts[i] for i in ids], "passage", f"{language} corpus"),
-      config.evaluate.shard_size, dict(header, tower="passage"))}
+      lambda ids, progress: encode([texts[i] for i in ids], "passage", progress),
+      config.evaluate.shard_size, dict(header, tower="passage"), f"{language} corpus")}
   for split in splits:
     queries = {q.query_id: q.query for q in data.read_queries(ctx.spec(config.data.queries, language, split))}
     manifests[f"queries-{split}"] = embeddings.export_shards(
         directory, f"queries-{split}", list(queries),
-        lambda ids: encode([queries[i] for i in ids], "query", f"{language} {split} queries"),
-        config.evaluate.shard_size, dict(header, tower="query", split=split))
+        lambda ids, progress: encode([queries[i] for i in ids], "query", progress),
+        config.evaluate.shard_size, dict(header, tower="query", split=split), f"{language} {split} queries")
   return manifests
 
 
