@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from axl_jax import batching, bm25, checkpoints, data, embeddings, encoder, metrics, search, trainer
+from axl_jax import (batching, bm25, checkpoints, data, embeddings, encoder, hf_checkpoint, metrics, search,
+                     trainer)
 from axl_jax.tokenization import get_tokenizer
 
 TRAIN_STAGES = ("ict", "pretrain", "finetune")
@@ -109,10 +110,14 @@ def _initial_params(ctx: Context, name: str, stage_config):
       if model_config.to_dict() != ctx.config.model.to_dict():
         logging.warning("%s: %s was trained with another model config; its parameters must still fit", name, source)
       return params
+    if ctx.config.model.init_from:
+      logging.info("%s starts from the Hugging Face encoder %s", name, ctx.config.model.init_from)
+      _, params = hf_checkpoint.load_encoder(ctx.config.model.init_from, ctx.config.model)
+      return jax.device_put(params, checkpoints.replicated_sharding())
     logging.info("%s starts from a random initialisation (seed %d)", name, ctx.config.seed)
     return jax.device_put(encoder.init_params(ctx.config.model, jax.random.key(ctx.config.seed)),
                           checkpoints.replicated_sharding())
-  return initial, source
+  return initial, source or ctx.config.model.init_from
 
 
 def _train(ctx: Context, name: str, batches) -> StageResult:
@@ -261,6 +266,21 @@ def export_stage(ctx: Context) -> StageResult:
   return StageResult(counts, None)
 
 
+@stage("export_hf")
+def export_hf_stage(ctx: Context) -> StageResult:
+  """The final (or a chosen) checkpoint as a Hugging Face + sentence-transformers model directory."""
+  checkpoint = _checkpoint_for(ctx, ctx.config.export.checkpoint, "export")
+  params, model_config = checkpoints.restore_params(checkpoint, ctx.config.model)
+  params = jax.tree.map(np.asarray, params)
+  directories = {}
+  for tower, tower_params in params.items():
+    name = "model" if model_config.tied else tower.replace("_encoder", "")
+    directories[name] = os.path.join(ctx.stage_dir("export_hf"), name)
+    hf_checkpoint.export_encoder(tower_params, model_config, ctx.tokenizer, directories[name])
+  logging.info("Exported %s to %s", checkpoint, directories)
+  return StageResult({"checkpoint": checkpoint, **directories})
+
+
 def validate_config(config) -> list[str]:
   """Fails at launch on what would otherwise fail an hour in; returns the stage names to run."""
   names = [s.strip() for s in config.stages.split(",") if s.strip()]
@@ -320,6 +340,10 @@ def _tokenizer_texts(ctx: Context):
 
 def run(config, workdir: str) -> dict[str, dict]:
   """Runs the configured stages in order, skipping completed ones; returns each stage's metrics."""
+  if config.model.init_from:
+    # The checkpoint decides the architecture; the config keeps pooling, projection, dtype and the rest.
+    hf_config = hf_checkpoint.read_hf_config(hf_checkpoint.resolve(config.model.init_from))
+    config.model.update(hf_checkpoint.model_config_from_hf(hf_config, config.model).to_dict())
   names = validate_config(config)
   ctx = Context(config, workdir)
   os.makedirs(workdir, exist_ok=True)

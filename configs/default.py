@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"              # compute dtype (bfloat16 on accelerators); params stay float32
   config.model.attention_impl = "xla"         # xla | cudnn (flash attention on NVIDIA) | auto
   config.model.remat = False                  # rematerialise each layer (long passages, big batches)
-  config.model.init_from = ""                 # HF checkpoint to start from (arrives with the checkpoint issue)
+  config.model.init_from = ""                 # HF encoder (hub id or dir) the first training stage starts from
 
   config.tokenizer = ml_collections.ConfigDict()
   config.tokenizer.name_or_path = "xlm-roberta-base"  # HF hub id or local dir; "" = train one on the corpus

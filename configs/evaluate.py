@@ -5,8 +5,9 @@
       --config.tokenizer.name_or_path=runs/demo/tokenizer
 
 The checkpoint carries its model config. The argument after ``:`` picks the data/launch config whose
-data fields are used (``demo`` or ``ict_p``); ``--config.stages=export`` exports instead (with
-``--config.export.checkpoint``).
+data fields are used (``demo`` or ``ict_p``). ``--config.stages=export`` exports embedding shards
+instead, ``--config.stages=export_hf`` a Hugging Face / sentence-transformers model directory (both
+read ``--config.export.checkpoint``).
 """
 import importlib
 

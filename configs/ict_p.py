@@ -1,7 +1,8 @@
 """The ICT-P baseline on Mr.TyDi: ICT on the 11 Mr.TyDi corpora, MS MARCO (10K steps), Mr.TyDi (50K steps).
 
-A base-size XLM-R-shaped encoder with the ``xlm-roberta-base`` tokenizer. Until the checkpoint issue
-lands, ``model.init_from`` is not read and the encoder starts from a random initialisation.
+Starts from ``xlm-roberta-base`` (``model.init_from``: a hub id or a local directory; the checkpoint's
+config.json sets the architecture) with its tokenizer. Swap in ``intfloat/multilingual-e5-base``
+(with ``model.pooling=mean``), ``castorini/mdpr-tied-pft-msmarco`` or ``facebook/mcontriever`` the same way.
 Data comes from the HF hub (``castorini/mr-tydi``, ``castorini/mr-tydi-corpus``,
 ``Tevatron/msmarco-passage``); without network access, point the data fields at local JSON Lines:
 
@@ -14,6 +15,7 @@ def get_config():
   config = default.get_config()
   config.tokenizer.name_or_path = "xlm-roberta-base"
   config.model.init_from = "xlm-roberta-base"
+  # Shapes of xlm-roberta-base (init_from overwrites them from its config.json).
   config.model.update(vocab_size=250002, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                       max_position_embeddings=514, type_vocab_size=1, position_offset=2, layer_norm_eps=1e-5,
                       pooling="cls", normalize=False, dtype="bfloat16", attention_impl="auto")
