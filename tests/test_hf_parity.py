@@ -61,9 +61,9 @@ def _torch_hidden(model, ids, mask, token_types):
   return out.last_hidden_state.numpy()
 
 
-def _flax_hidden(config, transformer_params, ids, token_types):
+def _flax_hidden(config, transformer_params, ids, token_types, lengths=LENGTHS):
   return np.asarray(encoder.Transformer(config).apply({"params": transformer_params}, jnp.asarray(ids),
-                                                       jnp.asarray(LENGTHS), jnp.asarray(token_types)),
+                                                       jnp.asarray(lengths), jnp.asarray(token_types)),
                     dtype=np.float32)
 
 
@@ -107,7 +107,7 @@ def test_import_matches_transformers_with_cudnn_attention(tmp_path):
 
 def test_errors_name_the_problem(tmp_path):
   model, directory = _hf_model("bert", tmp_path)
-  with pytest.raises(ValueError, match=r"tensor layer_0/attention_self/query/kernel: checkpoint shape"):
+  with pytest.raises(ValueError, match=r"tensor word_embeddings/embedding: checkpoint shape \(99, 32\) != encoder shape \(99, 16\)"):
     transformer = hf_checkpoint.hf_to_flax(hf_checkpoint.read_safetensors(directory),
                                            hf_checkpoint.model_config_from_hf(
                                                hf_checkpoint.read_hf_config(directory), tiny_model_config()))
@@ -147,7 +147,7 @@ def test_export_round_trip_with_trained_tokenizer(tmp_path, pooling, projection_
   hf_model = transformers.AutoModel.from_pretrained(directory).eval()
   mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
   hidden = _torch_hidden(hf_model, ids, mask, np.zeros_like(ids))
-  ours_hidden = _flax_hidden(config, params["query_encoder"]["transformer"], ids, np.zeros_like(ids))
+  ours_hidden = _flax_hidden(config, params["query_encoder"]["transformer"], ids, np.zeros_like(ids), lengths)
   assert _max_valid_difference(hidden, ours_hidden, mask) <= 1e-5
 
   st_model = sentence_transformers.SentenceTransformer(directory, device="cpu")
@@ -155,3 +155,36 @@ def test_export_round_trip_with_trained_tokenizer(tmp_path, pooling, projection_
   np.testing.assert_allclose(theirs, ours, atol=1e-5)
   with open(os.path.join(directory, "1_Pooling", "config.json")) as file:
     assert json.load(file)[f"pooling_mode_{'cls_token' if pooling == 'cls' else 'mean_tokens'}"]
+
+
+def test_pipeline_starts_from_init_from_and_exports_it_back(tmp_path):
+  """model.init_from -> a training stage at learning rate 0 -> export_hf gives back the same tensors."""
+  import subprocess
+  import sys
+  from axl_jax.tokenization import train_tokenizer
+  from tests.helpers import REPO
+  directory = str(tmp_path / "hf")
+  tokenizer = train_tokenizer(_texts() * 20, vocab_size=120, directory=directory + "-tokenizer")
+  torch.manual_seed(0)
+  model = transformers.BertModel(transformers.BertConfig(
+      vocab_size=len(tokenizer), hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+      max_position_embeddings=128, type_vocab_size=2, hidden_act="gelu"))
+  model.save_pretrained(directory, safe_serialization=True)
+  tokenizer.save_pretrained(directory)
+  workdir = str(tmp_path / "run")
+  command = [sys.executable, "-m", "axl_jax.main", "--config=tests/configs/tiny.py", f"--workdir={workdir}",
+             "--config.stages=finetune,export_hf", f"--config.model.init_from={directory}",
+             f"--config.tokenizer.name_or_path={directory}", "--config.finetune.learning_rate=0",
+             "--config.finetune.num_steps=2", "--config.model.pooling=cls", "--config.model.normalize=False"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "finetune", "manifest.json")) as file:
+    manifest = json.load(file)
+  assert manifest["metrics"]["initialised_from"] == directory
+  assert manifest["config"]["model"]["hidden_size"] == 24  # the checkpoint's architecture, not tiny.py's
+  exported = hf_checkpoint.read_safetensors(os.path.join(workdir, "export_hf", "model"))
+  original = hf_checkpoint.read_safetensors(directory)
+  for name, value in exported.items():
+    np.testing.assert_array_equal(value, original[name], err_msg=name)
+  assert set(original) - set(exported) == {"pooler.dense.weight", "pooler.dense.bias"}
