@@ -94,6 +94,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.export.checkpoint = ""               # export this checkpoint dir ("" = the last trained stage)
   config.export.splits = "dev"                # query splits to export beside the corpus
 
+  config.generator = ml_collections.ConfigDict()
+  config.generator.backend = "qwen"           # qwen (an LLM rewrites) | rules (no model)
+  config.generator.checkpoint = "Qwen/Qwen2.5-3B-Instruct"  # hub id or local dir of a Qwen2-architecture model
+  config.generator.dtype = "bfloat16"         # weights and compute of the generator
+  config.generator.batch_size = 64            # prompts per generate call
+  config.generator.max_new_tokens = 512
+  config.generator.temperature = 0.7          # 0 = greedy
+  config.generator.top_p = 0.9
+  config.generator.seed = 0
+  config.generator.techniques = "entity_substitution,numerical_perturbation,logical_negation"
+  config.generator.languages = LANGUAGES
+  config.generator.train_data = ""            # training rows whose positives are rewritten ("" = finetune's)
+  config.generator.max_queries_per_language = 0  # 0 = all
+  config.generator.shard_size = 512           # records per output shard (the unit of resumption)
+
   config.logging = ml_collections.ConfigDict()
   config.logging.wandb = False                # also log to Weights & Biases (needs `pip install wandb`)
   config.logging.wandb_project = "axl-jax"

@@ -44,4 +44,8 @@ def get_config():
   config.evaluate.encode_batch_size = 128
   config.evaluate.shard_size = 1000            # several shards per language exercise the merge
   config.export.splits = "dev"
+
+  # Adversarial negatives without a model (python -m axl_jax.negatives.generate --config=configs/demo.py ...).
+  config.generator.backend = "rules"
+  config.generator.shard_size = 256
   return config

@@ -1,0 +1,200 @@
+"""Writes adversarial negatives as sharded JSON Lines: ``python -m axl_jax.negatives.generate``.
+
+    python -m axl_jax.negatives.generate --config=configs/demo.py --output=runs/demo/negatives \
+        --config.generator.backend=rules
+
+Meant to run as its own process (the pipeline launches it with ``subprocess``) and never imports
+PyTorch. Every (training query, technique) pair is one record: query_id, source docid, language,
+technique, backend, model id, prompt version, the generated text, accepted or the reject reason.
+Records go into fixed shards written atomically; ``manifest.json`` lists the finished ones, so a
+killed run restarts at the first missing shard and ends with no record lost or duplicated.
+"""
+import os
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from axl_jax import checkpoints, data  # noqa: E402
+from axl_jax.negatives import checks, prompts, rules  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output", None, "Directory for the shards and manifest.json.")
+config_flags.DEFINE_config_file("config", None, "Launch config; its `generator` section is used.", lock_config=True)
+
+
+def work_items(config) -> list[dict]:
+  """Every (query, technique) to generate, in a fixed order: the shards are slices of this list."""
+  generator = config.generator
+  techniques = [t.strip() for t in generator.techniques.split(",") if t.strip()]
+  for technique in techniques:
+    if technique not in prompts.TECHNIQUES:
+      raise ValueError(f"config field generator.techniques: unknown technique {technique!r}")
+  template = generator.train_data or config.finetune.train_data
+  items = []
+  for language in data.parse_languages(generator.languages, "generator.languages"):
+    examples = data.read_train(data.expand_spec(template, config.data.root, language, "train"))
+    if generator.max_queries_per_language:
+      examples = examples[:generator.max_queries_per_language]
+    for example in examples:
+      positive = example.positives[0]
+      answers = tuple(getattr(example, "answers", ()) or ())
+      for technique in techniques:
+        items.append({"query_id": example.query_id, "query": example.query, "language": language,
+                      "source_docid": positive.docid, "title": positive.title, "positive": positive.text,
+                      "technique": technique, "answers": answers})
+  return items
+
+
+class RulesBackend:
+  model_id = "rules"
+
+  def __init__(self, config):
+    self.seed = config.generator.seed
+    self.titles = {}
+    for language in data.parse_languages(config.generator.languages):
+      corpus = data.read_corpus(data.expand_spec(config.data.corpus, config.data.root, language))
+      self.titles[language] = sorted({p.title for p in corpus if p.title})
+
+  def rewrite(self, items: list[dict]) -> list[tuple[str | None, int]]:
+    results = []
+    for item in items:
+      rng = np.random.default_rng([self.seed, zlib.crc32(item["query_id"].encode()),
+                                   list(prompts.TECHNIQUES).index(item["technique"])])
+      results.append((rules.rewrite(item["technique"], item["positive"], item["title"], item["language"],
+                                    self.titles[item["language"]], rng), 0))
+    return results
+
+
+class QwenBackend:
+  def __init__(self, config):
+    from axl_jax import hf_checkpoint
+    from axl_jax.negatives import qwen2
+    from axl_jax.negatives.chat import ChatTokenizer
+    generator = config.generator
+    self.model_id, self.generator = generator.checkpoint, generator
+    self.model_config, self.params = qwen2.load(generator.checkpoint, generator.dtype)
+    self.tokenizer = ChatTokenizer(hf_checkpoint.resolve(generator.checkpoint))
+    self.eos_ids = self.tokenizer.end_ids()
+    if not self.eos_ids:
+      raise ValueError(f"{generator.checkpoint}: the tokenizer has no end-of-turn token")
+    self.pad_id = self.tokenizer.pad_id()
+
+  def rewrite(self, items: list[dict]) -> list[tuple[str | None, int]]:
+    from axl_jax.negatives import decode
+    prompt_ids = [self.tokenizer.prompt_ids(prompts.messages(item["technique"], item["language"], item["query"],
+                                                             item["positive"])) for item in items]
+    results = []
+    size = self.generator.batch_size
+    for start in range(0, len(prompt_ids), size):
+      batch = prompt_ids[start:start + size]
+      padded = batch + [batch[0]] * (size - len(batch))  # A fixed batch shape compiles once.
+      # The seed depends on the work itself, so a restarted run samples exactly the same tokens.
+      seed = zlib.crc32(json.dumps([self.generator.seed, items[start]["query_id"], items[start]["technique"]]).encode())
+      outputs = decode.generate_ids(self.params, self.model_config, padded, max_new_tokens=self.generator.max_new_tokens,
+                                    eos_ids=self.eos_ids, pad_id=self.pad_id, temperature=self.generator.temperature,
+                                    top_p=self.generator.top_p, seed=seed)[:len(batch)]
+      for ids in outputs:
+        answer = self.tokenizer.decode(ids)
+        results.append((prompts.parse_rewrite(answer), len(ids)))
+    return results
+
+
+def _fingerprint(config, num_items: int) -> str:
+  fields = config.generator.to_dict() | {"data_root": config.data.root, "corpus": config.data.corpus,
+                                          "num_items": num_items}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(config, output: str) -> dict:
+  """Generates every missing shard; returns the manifest."""
+  items = work_items(config)
+  shard_size = config.generator.shard_size
+  num_shards = max(1, -(-len(items) // shard_size))
+  fingerprint = _fingerprint(config, len(items))
+  manifest_path = os.path.join(output, "manifest.json")
+  manifest = {"fingerprint": fingerprint, "num_records": len(items), "shard_size": shard_size,
+              "num_shards": num_shards, "prompt_version": prompts.PROMPT_VERSION, "shards": {},
+              "generator": config.generator.to_dict(), "complete": False}
+  if os.path.exists(manifest_path):
+    with open(manifest_path, encoding="utf-8") as file:
+      previous = json.load(file)
+    if previous["fingerprint"] != fingerprint:
+      raise ValueError(f"{output} holds negatives of another generator config or data "
+                       f"(fingerprint {previous['fingerprint']} != {fingerprint}); pass a new --output")
+    manifest["shards"] = previous["shards"]
+  os.makedirs(output, exist_ok=True)
+  backend_cls = {"rules": RulesBackend, "qwen": QwenBackend}.get(config.generator.backend)
+  if backend_cls is None:
+    raise ValueError(f"config field generator.backend must be qwen or rules, got {config.generator.backend!r}")
+  backend = None
+  progress = tqdm(total=len(items), unit="record", desc="negatives")
+  new_tokens, started = 0, time.time()
+  for shard in range(num_shards):
+    name = f"shard-{shard:05d}.jsonl"
+    shard_items = items[shard * shard_size:(shard + 1) * shard_size]
+    if name in manifest["shards"] and os.path.exists(os.path.join(output, name)):
+      progress.update(len(shard_items))
+      continue
+    backend = backend or backend_cls(config)  # The model loads only when there is work left.
+    records, counts = [], {}
+    for item, (text, tokens) in zip(shard_items, backend.rewrite(shard_items)):
+      reason = rules_reason = None
+      if text is None and config.generator.backend == "rules":
+        rules_reason = "not_applicable"
+      reason = rules_reason or checks.reject_reason(text, item["positive"], item["language"], item["answers"])
+      records.append({"query_id": item["query_id"], "source_docid": item["source_docid"],
+                      "language": item["language"], "technique": item["technique"],
+                      "backend": config.generator.backend, "model_id": backend.model_id,
+                      "prompt_version": prompts.PROMPT_VERSION, "text": text, "accepted": reason is None,
+                      "reject_reason": reason, "new_tokens": tokens})
+      counts[reason or "accepted"] = counts.get(reason or "accepted", 0) + 1
+      new_tokens += tokens
+    path = os.path.join(output, name)
+    with open(path + ".partial", "w", encoding="utf-8") as file:
+      file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+      file.flush()
+      os.fsync(file.fileno())
+    os.replace(path + ".partial", path)
+    manifest["shards"][name] = {"records": len(records), "counts": counts}
+    checkpoints.write_json_atomic(manifest_path, manifest)
+    progress.update(len(shard_items))
+    progress.set_postfix(tokens_per_s=f"{new_tokens / max(1e-9, time.time() - started):.0f}")
+  progress.close()
+  totals: dict = {}
+  for shard in manifest["shards"].values():
+    for reason, count in shard["counts"].items():
+      totals[reason] = totals.get(reason, 0) + count
+  manifest.update(complete=True, counts=totals)
+  checkpoints.write_json_atomic(manifest_path, manifest)
+  logging.info("Negatives in %s: %s", output, totals)
+  return manifest
+
+
+def read_records(output: str) -> list[dict]:
+  """All records of a finished (or partial) output directory, in work order."""
+  with open(os.path.join(output, "manifest.json"), encoding="utf-8") as file:
+    manifest = json.load(file)
+  records = []
+  for name in sorted(manifest["shards"]):
+    with open(os.path.join(output, name), encoding="utf-8") as file:
+      records.extend(json.loads(line) for line in file)
+  return records
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.output:
+    raise app.UsageError("--output is required")
+  run(FLAGS.config, FLAGS.output)
+
+
+if __name__ == "__main__":
+  app.run(main)

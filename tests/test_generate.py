@@ -1,0 +1,137 @@
+"""The negatives subprocess: records and counts, no torch in the process, and kill-and-restart safety."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import REPO
+
+QWEN_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                 "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                 "{% endif %}")
+BASE = ["--config=tests/configs/tiny.py", "--config.generator.languages=bn,th",
+        "--config.generator.max_queries_per_language=10"]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+
+
+def _records(output):
+  from axl_jax.negatives.generate import read_records
+  return read_records(output)
+
+
+@pytest.mark.parametrize("backend", ["rules", "qwen"])
+def test_generation_runs_in_a_torch_free_process(tmp_path, backend):
+  output = str(tmp_path / "negatives")
+  extra = ["--config.generator.backend=rules"]
+  if backend == "qwen":
+    _tiny_qwen(str(tmp_path / "qwen"))
+    extra = _qwen_command(output, str(tmp_path / "qwen"))[4 + len(BASE):] + ["--config.generator.shard_size=64"]
+  argv = ["generate", f"--output={output}", *BASE, *extra]
+  code = ("import runpy, sys\n"
+          f"sys.argv = {argv!r}\n"
+          "try:\n  runpy.run_module('axl_jax.negatives.generate', run_name='__main__')\n"
+          "except SystemExit as exit:\n  assert not exit.code, exit.code\n"
+          "assert 'torch' not in sys.modules, 'torch was imported'\n"
+          "print('TORCH-FREE')\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "TORCH-FREE" in result.stdout
+  records = _records(output)
+  queries = 10 if backend == "rules" else 6
+  assert len(records) == 2 * queries * 3
+  assert {r["technique"] for r in records} == {"entity_substitution", "numerical_perturbation", "logical_negation"}
+  assert all(r["backend"] == backend and r["prompt_version"] == "v1" for r in records)
+  with open(os.path.join(output, "manifest.json")) as file:
+    manifest = json.load(file)
+  assert manifest["complete"] and sum(manifest["counts"].values()) == len(records)
+  if backend == "rules":
+    accepted = [r for r in records if r["accepted"]]
+    assert accepted and all(r["text"] and r["reject_reason"] is None for r in accepted)
+    assert manifest["counts"].get("accepted", 0) == len(accepted)
+  else:  # A random tiny model writes no JSON: every record is kept, and rejected as unparsable.
+    assert all(r["reject_reason"] == "unparsable" and r["new_tokens"] > 0 for r in records)
+
+
+def test_chat_template_matches_transformers(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from axl_jax.negatives import prompts
+  from axl_jax.negatives.chat import ChatTokenizer
+  directory = str(tmp_path / "qwen")
+  _tiny_qwen(directory)
+  messages = prompts.messages("logical_negation", "th", "อะไร", "ประเทศไทยมีเมืองหลวง")
+  reference = transformers.AutoTokenizer.from_pretrained(directory)
+  text = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  ours = ChatTokenizer(directory)
+  assert ours.prompt_ids(messages) == reference(text, add_special_tokens=False)["input_ids"]
+  assert ours.end_ids() == sorted({reference.convert_tokens_to_ids("<|im_end|>"),
+                                   reference.convert_tokens_to_ids("<|endoftext|>")})
+
+
+def _tiny_qwen(directory):
+  torch = pytest.importorskip("torch")
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+  from axl_jax import data
+  texts = [p.text for lang in ("bn", "th") for p in data.read_corpus(f"{REPO}/data/tydi-mini/corpus/{lang}.jsonl.gz")]
+  # Byte-level BPE, like Qwen's own tokenizer.
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.normalizer = normalizers.NFC()
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+  tokenizer.train_from_iterator(texts + ["Answer with JSON only"] * 5, trainers.BpeTrainer(
+      vocab_size=1200, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
+  wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                                 pad_token="<|endoftext|>", unk_token="<unk>",
+                                                 additional_special_tokens=["<|im_start|>"])
+  wrapped.chat_template = QWEN_TEMPLATE
+  torch.manual_seed(0)
+  model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=len(wrapped), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True))
+  model.save_pretrained(directory, safe_serialization=True)
+  wrapped.save_pretrained(directory)
+
+
+def _qwen_command(output, checkpoint):
+  return [sys.executable, "-m", "axl_jax.negatives.generate", f"--output={output}", *BASE,
+          "--config.generator.backend=qwen", f"--config.generator.checkpoint={checkpoint}",
+          "--config.generator.dtype=float32", "--config.generator.batch_size=4", "--config.generator.shard_size=4",
+          "--config.generator.max_new_tokens=8", "--config.generator.temperature=0.7",
+          "--config.generator.max_queries_per_language=6"]
+
+
+def test_qwen_backend_killed_and_restarted_loses_and_duplicates_nothing(tmp_path):
+  checkpoint = str(tmp_path / "qwen")
+  _tiny_qwen(checkpoint)
+  reference = str(tmp_path / "reference")
+  subprocess.run(_qwen_command(reference, checkpoint), cwd=REPO, env=_env(), check=True, timeout=900,
+                 capture_output=True)
+
+  interrupted = str(tmp_path / "interrupted")
+  process = subprocess.Popen(_qwen_command(interrupted, checkpoint), cwd=REPO, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  manifest = os.path.join(interrupted, "manifest.json")
+  deadline = time.time() + 600
+  while not os.path.exists(manifest) and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  with open(manifest) as file:
+    done_before = len(json.load(file)["shards"])
+  assert 0 < done_before < 9, "the kill should land mid-run (36 records in 9 shards)"
+  subprocess.run(_qwen_command(interrupted, checkpoint), cwd=REPO, env=_env(), check=True, timeout=900,
+                 capture_output=True)
+  first, second = _records(reference), _records(interrupted)
+  assert len(first) == 36 and first == second
+  assert len({(r["query_id"], r["technique"]) for r in second}) == 36
+  assert all(r["model_id"] == checkpoint and r["new_tokens"] > 0 for r in second)
