@@ -80,24 +80,39 @@ class BatchShape:
             "passage_ids": passage_ids, "passage_lengths": passage_lengths}
 
 
+def _rotate(items: list[str], epoch: int, count: int) -> list[str]:
+  """``count`` items starting at an epoch-dependent offset, so every item gets its turn."""
+  if not items or count <= 0:
+    return []
+  start = (epoch * count) % len(items)
+  return [items[(start + i) % len(items)] for i in range(min(count, len(items)))]
+
+
 class SupervisedBatches:
-  """Groups of 1 positive + (group_size - 1) hard negatives per query, from ``TrainExample`` rows."""
+  """Groups of 1 positive + (group_size - 1) hard negatives per query, from ``TrainExample`` rows.
+
+  With ``adversarial`` negatives (query_id -> passages), each group takes up to ``adversarial_per_group``
+  of them first and fills the rest with the row's own (BM25) negatives.
+  """
 
   def __init__(self, examples: list[TrainExample], tokenizer, shape: BatchShape, seed: int,
-               query_max_length: int, passage_max_length: int, title_separator: str):
+               query_max_length: int, passage_max_length: int, title_separator: str,
+               adversarial: dict[str, tuple[Passage, ...]] | None = None, adversarial_per_group: int = 0):
     self.examples, self.shape, self.seed = examples, shape, seed
+    self.adversarial, self.adversarial_per_group = adversarial or {}, adversarial_per_group
     self.query_tokens = tokenize(tokenizer, [e.query for e in examples], query_max_length)
     # Passages are shared between queries (a BM25 negative is often another query's positive), so
     # each distinct docid is tokenized once.
     self.passage_index: dict[str, int] = {}
     texts = []
-    for example in examples:
-      for passage in example.positives + example.negatives:
-        if passage.docid not in self.passage_index:
-          self.passage_index[passage.docid] = len(texts)
-          texts.append(passage_text(passage, title_separator))
+    extra = [p for passages in self.adversarial.values() for p in passages]
+    for passage in [p for e in examples for p in e.positives + e.negatives] + extra:
+      if passage.docid not in self.passage_index:
+        self.passage_index[passage.docid] = len(texts)
+        texts.append(passage_text(passage, title_separator))
     self.passage_tokens = tokenize(tokenizer, texts, passage_max_length)
-    self.all_docids = list(self.passage_index)
+    self.all_docids = [p.docid for e in examples for p in e.positives + e.negatives]
+    self.all_docids = list(dict.fromkeys(self.all_docids))
 
   def group(self, epoch: int, index: int) -> list[int]:
     """Passage token indices for one query: positive first, then rotating hard negatives."""
@@ -105,12 +120,9 @@ class SupervisedBatches:
     rng = np.random.default_rng([self.seed, _NEGATIVE_SALT, epoch, index])
     positive = example.positives[epoch % len(example.positives)]
     wanted = self.shape.group_size - 1
-    negatives = [p.docid for p in example.negatives]
-    chosen = []
-    if negatives:
-      # Rotation: epoch e starts at a different offset, so every hard negative gets used.
-      start = (epoch * wanted) % len(negatives)
-      chosen = [negatives[(start + i) % len(negatives)] for i in range(min(wanted, len(negatives)))]
+    adversarial = [p.docid for p in self.adversarial.get(example.query_id, ())]
+    chosen = _rotate(adversarial, epoch, min(self.adversarial_per_group, wanted))
+    chosen += _rotate([p.docid for p in example.negatives], epoch, wanted - len(chosen))
     positives = {p.docid for p in example.positives}
     while len(chosen) < wanted:  # Too few hard negatives: fill with random passages of the pool.
       docid = self.all_docids[int(rng.integers(len(self.all_docids)))]

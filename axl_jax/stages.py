@@ -15,6 +15,7 @@ import functools
 import glob
 import json
 import os
+import re
 import time
 from typing import Callable
 
@@ -28,6 +29,17 @@ from axl_jax.tokenization import get_tokenizer
 
 TRAIN_STAGES = ("ict", "pretrain", "finetune")
 STAGES: dict[str, Callable] = {}
+
+
+def find_stage(name: str) -> Callable | None:
+  """The stage function for ``name``: a registered stage, or ``round_<k>`` (an adversarial round)."""
+  if name in STAGES:
+    return STAGES[name]
+  match = re.fullmatch(r"round_([1-9][0-9]*)", name)
+  if match:
+    from axl_jax import rounds  # Imported late: rounds builds on this module.
+    return functools.partial(rounds.round_stage, number=int(match.group(1)))
+  return None
 
 
 def stage(name: str):
@@ -58,9 +70,16 @@ class Context:
     with open(os.path.join(self.stage_dir(name), "manifest.json"), encoding="utf-8") as file:
       return json.load(file)
 
+  @property
+  def training_order(self) -> tuple[str, ...]:
+    """Training stages in order: ICT, supervised, then the adversarial rounds."""
+    return TRAIN_STAGES + tuple(f"round_{i}" for i in range(1, self.config.adversarial.rounds + 1))
+
   def last_trained_checkpoint(self, before: str | None = None) -> str | None:
     """The final checkpoint of the latest completed training stage preceding ``before``."""
-    order = TRAIN_STAGES if before not in TRAIN_STAGES else TRAIN_STAGES[:TRAIN_STAGES.index(before)]
+    order = self.training_order
+    if before in order:
+      order = order[:order.index(before)]
     for name in reversed(order):
       manifest = self.completed_manifest(name)
       if manifest and manifest.get("checkpoint"):
@@ -95,7 +114,7 @@ class Context:
     return id(self)
 
 
-def _batch_shape(ctx: Context, stage_config) -> batching.BatchShape:
+def batch_shape(ctx: Context, stage_config) -> batching.BatchShape:
   return batching.BatchShape(stage_config.batch_size, stage_config.group_size, ctx.query_buckets(),
                              ctx.passage_buckets(), jax.process_index(), jax.process_count())
 
@@ -120,8 +139,8 @@ def _initial_params(ctx: Context, name: str, stage_config):
   return initial, source or ctx.config.model.init_from
 
 
-def _train(ctx: Context, name: str, batches) -> StageResult:
-  stage_config = getattr(ctx.config, name)
+def train_from_batches(ctx: Context, name: str, batches, stage_config=None) -> StageResult:
+  stage_config = stage_config or getattr(ctx.config, name)
   initial, source = _initial_params(ctx, name, stage_config)
   final_metrics, directory = trainer.train(name, stage_config, ctx.config, ctx.workdir, batches, initial)
   final_metrics["initialised_from"] = source or "random"
@@ -134,11 +153,11 @@ def ict_stage(ctx: Context) -> StageResult:
   spec_template = config.ict.corpus or config.data.corpus
   passages = [(language, passage) for language in ctx.languages
               for passage in data.read_corpus(ctx.spec(spec_template, language))]
-  batches = batching.ICTBatches(passages, ctx.tokenizer, _batch_shape(ctx, config.ict), config.seed,
+  batches = batching.ICTBatches(passages, ctx.tokenizer, batch_shape(ctx, config.ict), config.seed,
                                 config.data.query_max_length, config.data.passage_max_length,
                                 config.data.title_separator, config.ict.remove_sentence_prob,
                                 config.ict.min_sentence_chars)
-  return _train(ctx, "ict", batches)
+  return train_from_batches(ctx, "ict", batches)
 
 
 def _supervised_stage(ctx: Context, name: str) -> StageResult:
@@ -146,10 +165,10 @@ def _supervised_stage(ctx: Context, name: str) -> StageResult:
   languages = data.parse_languages(stage_config.languages, f"{name}.languages") or [""]
   examples = [example for language in languages
               for example in data.read_train(ctx.spec(stage_config.train_data, language, "train"))]
-  batches = batching.SupervisedBatches(examples, ctx.tokenizer, _batch_shape(ctx, stage_config), config.seed,
+  batches = batching.SupervisedBatches(examples, ctx.tokenizer, batch_shape(ctx, stage_config), config.seed,
                                        config.data.query_max_length, config.data.passage_max_length,
                                        config.data.title_separator)
-  return _train(ctx, name, batches)
+  return train_from_batches(ctx, name, batches)
 
 
 stage("pretrain")(lambda ctx: _supervised_stage(ctx, "pretrain"))
@@ -164,7 +183,7 @@ def _checkpoint_for(ctx: Context, field_value: str, what: str) -> str:
   return checkpoint
 
 
-def _encoder_for(ctx: Context, checkpoint: str):
+def encoder_for(ctx: Context, checkpoint: str):
   params, model_config = checkpoints.restore_params(checkpoint, ctx.config.model)
   config = ctx.config
 
@@ -196,24 +215,16 @@ def _export_language(ctx: Context, encode, directory: str, language: str, splits
   return manifests
 
 
-@stage("evaluate")
-def evaluate_stage(ctx: Context) -> StageResult:
-  """Dense retrieval (FAISS over exported shards) and BM25, per language, into one table."""
-  config, stage_dir = ctx.config, ctx.stage_dir("evaluate")
-  split = config.evaluate.split
-  systems = {}
-  for name in [s.strip() for s in config.evaluate.also_checkpoints.split(",") if s.strip()]:
-    manifest = ctx.completed_manifest(name)
-    if manifest is None:
-      raise FileNotFoundError(f"evaluate.also_checkpoints: stage {name!r} has not completed in {ctx.workdir}")
-    systems[name] = ctx.stage_checkpoints(name)
-  final = _checkpoint_for(ctx, config.evaluate.checkpoint, "evaluate")
-  final_name = next((n for n in reversed(TRAIN_STAGES) if ctx.completed_manifest(n)
-                     and ctx.stage_checkpoints(n) == os.path.abspath(final)), "model")
-  systems[final_name] = final
+def retrieval_results(ctx: Context, systems: dict[str, str], split: str, out_dir: str,
+                      with_bm25: bool) -> dict[str, dict[str, dict]]:
+  """``{system: {language: metrics}}`` of dense retrieval (FAISS over exported shards) and BM25.
+
+  Writes each system's embeddings and TREC run files under ``out_dir``.
+  """
+  config = ctx.config
   results: dict[str, dict[str, dict]] = {}
-  encoders = {name: _encoder_for(ctx, checkpoint) for name, checkpoint in systems.items()}
-  os.makedirs(os.path.join(stage_dir, "runs"), exist_ok=True)
+  encoders = {name: encoder_for(ctx, checkpoint) for name, checkpoint in systems.items()}
+  os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
   for language in ctx.languages:
     corpus = ctx.corpus(language)
     queries = data.read_queries(ctx.spec(config.data.queries, language, split))
@@ -225,12 +236,12 @@ def evaluate_stage(ctx: Context) -> StageResult:
     data.check_qrels(qrels, {p.docid for p in corpus}, qrels_path)
     query_ids = [q.query_id for q in queries]
     runs = {}
-    if config.evaluate.bm25:
+    if with_bm25:
       runs["BM25"] = bm25.bm25_run([p.docid for p in corpus],
                                    [data.passage_text(p, " ") for p in corpus], query_ids,
                                    [q.query for q in queries], config.evaluate.depth)
     for name, checkpoint in systems.items():
-      directory = os.path.join(stage_dir, "embeddings", name, language)
+      directory = os.path.join(out_dir, "embeddings", name, language)
       _export_language(ctx, encoders[name], directory, language, [split], checkpoint)
       query_vectors = np.concatenate([e for _, e in embeddings.load_shards(directory, f"queries-{split}")])
       scores, docids = search.search_shards(
@@ -238,8 +249,27 @@ def evaluate_stage(ctx: Context) -> StageResult:
           config.evaluate.index, ivf_lists=config.evaluate.ivf_lists, hnsw_neighbors=config.evaluate.hnsw_neighbors)
       runs[name] = search.to_run(query_ids, scores, docids)
     for name, run in runs.items():
-      metrics.write_trec_run(os.path.join(stage_dir, "runs", f"{name}.{language}.{split}.trec"), run, name)
+      metrics.write_trec_run(os.path.join(out_dir, "runs", f"{name}.{language}.{split}.trec"), run, name)
       results.setdefault(name, {})[language] = metrics.evaluate_run(qrels, run)
+  return results
+
+
+@stage("evaluate")
+def evaluate_stage(ctx: Context) -> StageResult:
+  """BM25, the stages named in ``evaluate.also_checkpoints`` and the final model, per language, in one table."""
+  config, stage_dir = ctx.config, ctx.stage_dir("evaluate")
+  split = config.evaluate.split
+  systems = {}
+  for name in [s.strip() for s in config.evaluate.also_checkpoints.split(",") if s.strip()]:
+    manifest = ctx.completed_manifest(name)
+    if manifest is None:
+      raise FileNotFoundError(f"evaluate.also_checkpoints: stage {name!r} has not completed in {ctx.workdir}")
+    systems[name] = ctx.stage_checkpoints(name)
+  final = _checkpoint_for(ctx, config.evaluate.checkpoint, "evaluate")
+  final_name = next((n for n in reversed(ctx.training_order) if ctx.completed_manifest(n)
+                     and ctx.stage_checkpoints(n) == os.path.abspath(final)), "model")
+  systems[final_name] = final
+  results = retrieval_results(ctx, systems, split, stage_dir, config.evaluate.bm25)
   checkpoints.write_json_atomic(os.path.join(stage_dir, "results.json"), results)
   tables = "\n\n".join(metrics.format_table(results, ctx.languages, m) for m in metrics.MEASURES)
   with open(os.path.join(stage_dir, "results.md"), "w", encoding="utf-8") as file:
@@ -256,7 +286,7 @@ def export_stage(ctx: Context) -> StageResult:
   """Corpus and query embeddings of the final (or a chosen) checkpoint, as numpy shards."""
   config = ctx.config
   checkpoint = _checkpoint_for(ctx, config.export.checkpoint, "export")
-  encode = _encoder_for(ctx, checkpoint)
+  encode = encoder_for(ctx, checkpoint)
   splits = [s.strip() for s in config.export.splits.split(",") if s.strip()]
   counts = {}
   for language in ctx.languages:
@@ -285,8 +315,10 @@ def validate_config(config) -> list[str]:
   """Fails at launch on what would otherwise fail an hour in; returns the stage names to run."""
   names = [s.strip() for s in config.stages.split(",") if s.strip()]
   for name in names:
-    if name not in STAGES:
-      raise ValueError(f"config field stages: unknown stage {name!r}; known: {','.join(STAGES)}")
+    if find_stage(name) is None:
+      raise ValueError(f"config field stages: unknown stage {name!r}; known: {','.join(STAGES)},round_<k>")
+    if name.startswith("round_") and int(name[6:]) > config.adversarial.rounds:
+      raise ValueError(f"config field stages: {name} but adversarial.rounds is {config.adversarial.rounds}")
   data.parse_languages(config.data.languages)
   model = config.model
   checks = [
@@ -298,11 +330,14 @@ def validate_config(config) -> list[str]:
       (config.data.query_max_length + model.position_offset <= model.max_position_embeddings,
        "data.query_max_length + model.position_offset must not exceed model.max_position_embeddings"),
       (config.evaluate.index in ("flat", "ivf", "hnsw"), "evaluate.index must be flat, ivf or hnsw"),
+      (config.adversarial.selection in ("hardest", "random", "all"),
+       "adversarial.selection must be hardest, random or all"),
+      (config.generator.backend in ("qwen", "rules"), "generator.backend must be qwen or rules"),
   ]
-  for name in TRAIN_STAGES:
-    if name not in names:
-      continue
-    stage_config = getattr(config, name)
+  trained = [(name, getattr(config, name)) for name in TRAIN_STAGES if name in names]
+  if any(name.startswith("round_") for name in names):
+    trained.append(("adversarial.train", config.adversarial.train))
+  for name, stage_config in trained:
     data.parse_languages(stage_config.languages, f"{name}.languages")
     checks += [
         (stage_config.batch_size % jax.device_count() == 0,
@@ -360,7 +395,7 @@ def run(config, workdir: str) -> dict[str, dict]:
       continue
     logging.info("Stage %s starts", name)
     started = time.time()
-    result = STAGES[name](ctx)
+    result = find_stage(name)(ctx)
     manifest = {"stage": name, "config": json.loads(config.to_json_best_effort()), "metrics": result.metrics,
                 "checkpoint": result.checkpoint, "seconds": round(time.time() - started, 1),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -370,3 +405,7 @@ def run(config, workdir: str) -> dict[str, dict]:
         file.write(manifest["finished"] + "\n")
     outcome[name] = result.metrics
   return outcome
+
+
+# Stages defined in their own modules register themselves on import.
+from axl_jax import visualize  # noqa: E402,F401

@@ -109,6 +109,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.generator.max_queries_per_language = 0  # 0 = all
   config.generator.shard_size = 512           # records per output shard (the unit of resumption)
 
+  config.adversarial = ml_collections.ConfigDict()
+  config.adversarial.rounds = 2               # stages round_1 .. round_N: generate -> filter -> train -> dev eval
+  config.adversarial.keep_fraction = 0.25     # share of the eligible candidates kept, per language and round
+  config.adversarial.selection = "hardest"    # hardest | random | all (ablations)
+  config.adversarial.guard = True             # false-negative guard: drop s(q,neg) >= s(q,pos) - guard_margin
+  config.adversarial.guard_margin = 0.0
+  config.adversarial.adversarial_per_group = 1  # kept adversarial negatives in each training group
+  config.adversarial.score_batch_size = 256   # encoding batch when scoring candidates
+  config.adversarial.train = train_stage(num_steps=2000, batch_size=128, group_size=8, learning_rate=5e-6,
+                                         warmup_steps=100, checkpoint_every=500)
+
+  config.visualize = ml_collections.ConfigDict()
+  config.visualize.queries_per_language = 30  # queries whose query/positive/BM25/adversarial points are plotted
+  config.visualize.perplexity = 30.0          # t-SNE perplexity
+
   config.logging = ml_collections.ConfigDict()
   config.logging.wandb = False                # also log to Weights & Biases (needs `pip install wandb`)
   config.logging.wandb_project = "axl-jax"

@@ -39,13 +39,18 @@ def get_config():
                          num_steps=500, batch_size=32, group_size=3, learning_rate=2e-4, warmup_steps=50,
                          **common)
 
+  config.stages = "ict,pretrain,finetune,round_1,round_2,evaluate,visualize,export"
+  # Adversarial rounds with the rules backend: candidates for every training query each round.
+  config.adversarial.rounds = 2
+  config.adversarial.train.update(num_steps=100, batch_size=32, group_size=3, learning_rate=1e-4, warmup_steps=10,
+                                  **common)
+  config.generator.backend = "rules"
+  config.generator.shard_size = 512
+  config.visualize.queries_per_language = 20
+
   config.evaluate.split = "dev"
-  config.evaluate.also_checkpoints = "ict"     # the table shows BM25, ICT only and the final model
+  config.evaluate.also_checkpoints = "ict,finetune"  # BM25, ICT only, the supervised baseline and AXL
   config.evaluate.encode_batch_size = 128
   config.evaluate.shard_size = 1000            # several shards per language exercise the merge
   config.export.splits = "dev"
-
-  # Adversarial negatives without a model (python -m axl_jax.negatives.generate --config=configs/demo.py ...).
-  config.generator.backend = "rules"
-  config.generator.shard_size = 256
   return config

@@ -59,3 +59,16 @@ def test_missing_negatives_are_filled_from_the_pool():
   sampler = _batches(batching.BatchShape(2, 3, (8, 16), (16, 24)), examples)
   group = sampler.group(0, 0)
   assert len(group) == 3 and sampler.all_docids[group[0]] == "p0" and "p0" not in [sampler.all_docids[g] for g in group[1:]]
+
+
+def test_adversarial_negatives_come_first_then_bm25():
+  examples = _examples(n=4, negatives=3)
+  adversarial = {"q0": tuple(Passage(f"adv{j}", "", f"adversarial {j}") for j in range(2))}
+  sampler = batching.SupervisedBatches(examples, CharTokenizer(), batching.BatchShape(2, 3, (8, 16), (16, 24)), 0,
+                                       16, 24, " ", adversarial=adversarial, adversarial_per_group=1)
+  docid = {index: d for d, index in sampler.passage_index.items()}
+  for epoch in range(2):  # one adversarial negative per group, rotating, then BM25 ones
+    group = [docid[g] for g in sampler.group(epoch, 0)]
+    assert group[0] == "p0" and group[1] == f"adv{epoch}" and group[2].startswith("n0-")
+  # Queries without adversarial negatives keep their BM25 ones.
+  assert all(docid[g].startswith("n1-") for g in sampler.group(0, 1)[1:])

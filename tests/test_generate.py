@@ -22,7 +22,7 @@ def _env():
 
 
 def _records(output):
-  from axl_jax.negatives.generate import read_records
+  from axl_jax.negatives.records import read_records
   return read_records(output)
 
 

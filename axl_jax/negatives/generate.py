@@ -23,10 +23,12 @@ from tqdm import tqdm  # noqa: E402
 
 from axl_jax import checkpoints, data  # noqa: E402
 from axl_jax.negatives import checks, prompts, rules  # noqa: E402
+from axl_jax.negatives.records import read_records  # noqa: E402,F401
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Directory for the shards and manifest.json.")
 config_flags.DEFINE_config_file("config", None, "Launch config; its `generator` section is used.", lock_config=True)
+flags.DEFINE_string("config_json", None, "A whole config as JSON (how the pipeline hands its config over).")
 
 
 def work_items(config) -> list[dict]:
@@ -177,23 +179,19 @@ def run(config, output: str) -> dict:
   return manifest
 
 
-def read_records(output: str) -> list[dict]:
-  """All records of a finished (or partial) output directory, in work order."""
-  with open(os.path.join(output, "manifest.json"), encoding="utf-8") as file:
-    manifest = json.load(file)
-  records = []
-  for name in sorted(manifest["shards"]):
-    with open(os.path.join(output, name), encoding="utf-8") as file:
-      records.extend(json.loads(line) for line in file)
-  return records
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.output:
     raise app.UsageError("--output is required")
-  run(FLAGS.config, FLAGS.output)
+  config = FLAGS.config
+  if FLAGS.config_json:
+    import ml_collections
+    with open(FLAGS.config_json, encoding="utf-8") as file:
+      config = ml_collections.ConfigDict(json.load(file))
+  if config is None:
+    raise app.UsageError("--config or --config_json is required")
+  run(config, FLAGS.output)
 
 
 if __name__ == "__main__":
