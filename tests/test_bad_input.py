@@ -66,3 +66,15 @@ def test_config_mistakes_fail_at_launch(override, message):
   result = _launch(override)
   assert result.returncode != 0 and message in result.stderr
   assert not os.path.exists("/tmp/axl-never-written/ict")
+
+
+def test_every_shipped_config_loads_and_validates_its_fields():
+  import importlib
+  from axl_jax import stages
+  for name, args in [("demo", ()), ("ict_p", ()), ("axl", ()), ("evaluate", ()), ("ablations", ("no_filter",)),
+                     ("ablations", ("random",)), ("ablations", ("no_guard",))]:
+    config = importlib.import_module(f"configs.{name}").get_config(*args)
+    for stage in config.stages.split(","):
+      assert stages.find_stage(stage) is not None, (name, stage)
+  with pytest.raises(ValueError, match="unknown ablation 'bogus'"):
+    importlib.import_module("configs.ablations").get_config("bogus")

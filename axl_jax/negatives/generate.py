@@ -167,7 +167,8 @@ def run(config, output: str) -> dict:
     manifest["shards"][name] = {"records": len(records), "counts": counts}
     checkpoints.write_json_atomic(manifest_path, manifest)
     progress.update(len(shard_items))
-    progress.set_postfix(tokens_per_s=f"{new_tokens / max(1e-9, time.time() - started):.0f}")
+    if new_tokens:
+      progress.set_postfix(tokens_per_s=f"{new_tokens / max(1e-9, time.time() - started):.0f}")
   progress.close()
   totals: dict = {}
   for shard in manifest["shards"].values():
