@@ -91,7 +91,6 @@ def visualize(ctx: stages.Context) -> stages.StageResult:
   figure, axes = plt.subplots(len(models), 2, figsize=(12, 5.5 * len(models)), squeeze=False)
   for row, (title, checkpoint) in enumerate(models.items()):
     encode = stages.encoder_for(ctx, checkpoint)
-    vectors = np.zeros((len(points), 0))
     queries = [i for i, r in enumerate(roles) if r == "query"]
     passages = [i for i, r in enumerate(roles) if r != "query"]
     query_vectors = encode([points[i][2] for i in queries], "query", None)

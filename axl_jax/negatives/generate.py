@@ -147,10 +147,10 @@ def run(config, output: str) -> dict:
     backend = backend or backend_cls(config)  # The model loads only when there is work left.
     records, counts = [], {}
     for item, (text, tokens) in zip(shard_items, backend.rewrite(shard_items)):
-      reason = rules_reason = None
       if text is None and config.generator.backend == "rules":
-        rules_reason = "not_applicable"
-      reason = rules_reason or checks.reject_reason(text, item["positive"], item["language"], item["answers"])
+        reason = "not_applicable"  # The rule has nothing to edit in this passage.
+      else:
+        reason = checks.reject_reason(text, item["positive"], item["language"], item["answers"])
       records.append({"query_id": item["query_id"], "source_docid": item["source_docid"],
                       "language": item["language"], "technique": item["technique"],
                       "backend": config.generator.backend, "model_id": backend.model_id,
