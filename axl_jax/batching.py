@@ -111,8 +111,8 @@ class SupervisedBatches:
         self.passage_index[passage.docid] = len(texts)
         texts.append(passage_text(passage, title_separator))
     self.passage_tokens = tokenize(tokenizer, texts, passage_max_length)
-    self.all_docids = [p.docid for e in examples for p in e.positives + e.negatives]
-    self.all_docids = list(dict.fromkeys(self.all_docids))
+    # The pool that fills groups short of hard negatives: the rows' own passages, never adversarial ones.
+    self.all_docids = list(dict.fromkeys(p.docid for e in examples for p in e.positives + e.negatives))
 
   def group(self, epoch: int, index: int) -> list[int]:
     """Passage token indices for one query: positive first, then rotating hard negatives."""

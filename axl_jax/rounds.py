@@ -22,7 +22,7 @@ import sys
 import numpy as np
 from absl import logging
 
-from axl_jax import adversarial, batching, checkpoints, data, metrics, stages, trainer
+from axl_jax import adversarial, batching, checkpoints, data, stages, trainer
 from axl_jax.negatives.records import read_records
 
 

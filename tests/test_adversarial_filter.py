@@ -1,5 +1,4 @@
 """The adversarial filter on hand-worked scores."""
-import numpy as np
 import pytest
 
 from axl_jax.adversarial import filter_decisions, margin_summary

@@ -78,9 +78,9 @@ def test_rerun_skips_completed_stages(finished_run):
 def test_restore_and_evaluate_any_checkpoint(finished_run, tmp_path):
   workdir, _ = finished_run
   checkpoint = os.path.join(workdir, "ict", "checkpoints")
-  result = _main(str(tmp_path), "--config.stages=evaluate", f"--config.evaluate.checkpoint={checkpoint}",
-                 "--config.evaluate.also_checkpoints=", "--config.evaluate.bm25=False",
-                 f"--config.tokenizer.name_or_path={os.path.join(workdir, 'tokenizer')}")
+  _main(str(tmp_path), "--config.stages=evaluate", f"--config.evaluate.checkpoint={checkpoint}",
+        "--config.evaluate.also_checkpoints=", "--config.evaluate.bm25=False",
+        f"--config.tokenizer.name_or_path={os.path.join(workdir, 'tokenizer')}")
   with open(tmp_path / "evaluate" / "results.json") as file:
     fresh = json.load(file)
   with open(os.path.join(workdir, "evaluate", "results.json")) as file:

@@ -10,7 +10,6 @@ LANGUAGE_SCRIPTS = {
     "ja": ("CJK", "HIRAGANA", "KATAKANA"), "ko": ("HANGUL",), "ru": ("CYRILLIC",), "sw": ("LATIN",),
     "te": ("TELUGU",), "th": ("THAI",),
 }
-REASONS = ("unparsable", "empty", "identical", "wrong_script", "length", "contains_answer", "not_applicable")
 MIN_LENGTH_RATIO, MAX_LENGTH_RATIO = 0.5, 2.0
 
 
