@@ -53,13 +53,31 @@ def create_optimizer(stage_config) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
+def schedule_count(opt_state) -> jax.Array:
+  """The count of the learning-rate schedule inside an optimiser state (optax's ``scale_by_schedule``).
+
+  A skipped (non-finite) step keeps the old optimiser state, so this count lags ``TrainState.step``
+  by the steps skipped so far; the schedule at this count is the learning rate the next update uses.
+  """
+  is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
+  counts = [node.count for node in jax.tree_util.tree_leaves(opt_state, is_leaf=is_schedule) if is_schedule(node)]
+  if len(counts) != 1:
+    raise ValueError(f"expected one learning-rate schedule in the optimiser state, found {len(counts)}")
+  return counts[0]
+
+
 def create_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                     skipped_steps=jnp.zeros((), jnp.int32))
 
 
-def train_step(state: TrainState, batch, dropout_rng, *, model: BiEncoder, optimizer, temperature: float):
-  """One optimiser step on this device's share of the global batch (call under ``pmap``)."""
+def train_step(state: TrainState, batch, dropout_rng, *, model: BiEncoder, optimizer, temperature: float,
+               learning_rate_fn: optax.Schedule | None = None):
+  """One optimiser step on this device's share of the global batch (call under ``pmap``).
+
+  With ``learning_rate_fn`` (the schedule inside ``optimizer``), the metrics carry the learning rate
+  this step's update used, read at the optimiser's own count rather than at ``state.step``.
+  """
   rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), jax.lax.axis_index(AXIS))
 
   def loss_fn(params):
@@ -83,15 +101,19 @@ def train_step(state: TrainState, batch, dropout_rng, *, model: BiEncoder, optim
                          skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
   metrics = {"loss": loss, "accuracy": jax.lax.pmean(accuracy, AXIS), "grad_norm": grad_norm,
              "param_norm": optax.global_norm(new_state.params), "skipped_steps": new_state.skipped_steps}
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = learning_rate_fn(schedule_count(state.opt_state))
   return new_state, metrics
 
 
-def make_parallel_train_step(model: BiEncoder, optimizer, temperature: float):
+def make_parallel_train_step(model: BiEncoder, optimizer, temperature: float,
+                             learning_rate_fn: optax.Schedule | None = None):
   """``train_step`` pmapped over the local devices, state un-replicated and donated.
 
   Arguments: the state, a batch whose arrays lead with the local device count, a dropout key.
   """
-  step = functools.partial(train_step, model=model, optimizer=optimizer, temperature=temperature)
+  step = functools.partial(train_step, model=model, optimizer=optimizer, temperature=temperature,
+                           learning_rate_fn=learning_rate_fn)
   return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=(0,))
 
 

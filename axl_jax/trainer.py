@@ -3,7 +3,8 @@
 The stage resumes from its latest finished checkpoint; because batches are a pure function of
 ``(seed, step)`` and the dropout key is folded with the step, a resumed run computes exactly what an
 uninterrupted one would. Non-finite steps are skipped by the step itself; a whole logging interval of
-them stops the run loudly.
+them stops the run loudly. Every checkpoint records the configuration fingerprint and schedule
+length it was made with; a resume under another one raises instead of continuing.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
@@ -30,6 +32,7 @@ def create_writer(config, logdir: str):
     class _Wandb(metric_writers.MetricWriter):
       def write_scalars(self, step, scalars):
         run.log(dict(scalars), step=step)
+      def write_summaries(self, step, values, metadata=None): pass
       def write_images(self, step, images): pass
       def write_videos(self, step, videos): pass
       def write_audios(self, step, audios, *, sample_rate): pass
@@ -53,8 +56,41 @@ def _prefetch(make_batch: Callable[[int], dict], steps: range, depth: int = 2):
       yield step, batch
 
 
-def train(stage_name: str, stage_config, config, workdir: str, batches, initial_params: Callable[[], object]):
-  """Runs (or resumes) a training stage; returns its final metrics."""
+def _read_meta(manager, step: int) -> dict:
+  # The JSON item alone: checkpoints from another configuration may not even fit this model's
+  # parameter shapes, and that should be reported as a configuration mismatch, not a shape error.
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def _check_resumable(stage_dir: str, step: int, meta: dict, stage_config, fingerprint: str) -> None:
+  """Refuses to continue a stage whose checkpoints another configuration or schedule made."""
+  remedy = "use a new workdir, or the pipeline's recompute option to retrain this stage"
+  saved = meta.get("fingerprint")
+  if saved is None:
+    # Checkpoints from before fingerprints were stored: nothing to compare, so say so.
+    logging.warning("%s: checkpoint %d carries no configuration fingerprint; resuming unchecked", stage_dir, step)
+  elif saved != fingerprint:
+    raise ValueError(f"{stage_dir}: the stage's checkpoints were made with another configuration "
+                     f"(fingerprint {saved!r}; this run's is {fingerprint!r}); resuming would mix the two: "
+                     f"{remedy}")
+  saved_steps = meta.get("num_steps")
+  if saved_steps is not None and saved_steps != stage_config.num_steps:
+    raise ValueError(f"{stage_dir}: the stage's checkpoints were made for num_steps={saved_steps}, this run "
+                     f"asks for {stage_config.num_steps}; the learning-rate schedule (warm-up, then decay to "
+                     f"zero at num_steps) would differ from the one the saved optimiser followed: {remedy}")
+  if step > stage_config.num_steps:
+    raise ValueError(f"{stage_dir}: the latest checkpoint is at step {step}, past this run's "
+                     f"num_steps={stage_config.num_steps}: {remedy}")
+
+
+def train(stage_name: str, stage_config, config, workdir: str, batches, initial_params: Callable[[], object],
+          fingerprint: str = ""):
+  """Runs (or resumes) a training stage; returns ``(final metrics, checkpoint directory)``.
+
+  ``fingerprint`` identifies the configuration the stage is computed from; it is stored in every
+  checkpoint, and a resume from checkpoints with another fingerprint (or another ``num_steps``)
+  raises ``ValueError`` instead of continuing someone else's run.
+  """
   stage_dir = os.path.join(workdir, stage_name)
   model = BiEncoder(config.model)
   optimizer = ts.create_optimizer(stage_config)
@@ -63,6 +99,7 @@ def train(stage_name: str, stage_config, config, workdir: str, batches, initial_
   abstract_params = checkpoints.abstract_params(config.model)
   start = manager.latest_step()
   if start is not None:
+    _check_resumable(stage_dir, start, _read_meta(manager, start), stage_config, fingerprint)
     abstract_opt_state = checkpoints.abstract_tree(optimizer.init, abstract_params)
     params, opt_state, meta = checkpoints.restore(manager, start, abstract_params, abstract_opt_state)
     state = ts.TrainState(step=np.int32(meta["step"]), params=params, opt_state=opt_state,
@@ -75,34 +112,47 @@ def train(stage_name: str, stage_config, config, workdir: str, batches, initial_
   # step compiles once.
   state = jax.device_put(state, checkpoints.replicated_sharding())
   num_devices = jax.local_device_count()
-  p_train_step = ts.make_parallel_train_step(model, optimizer, stage_config.temperature)
+  # The step reports the learning rate at the optimiser's own count: skipped steps keep the old
+  # optimiser state, so the schedule falls behind ``state.step`` and ``learning_rate(step)`` would drift.
+  p_train_step = ts.make_parallel_train_step(model, optimizer, stage_config.temperature,
+                                             learning_rate_fn=learning_rate)
   # One dropout stream per stage, folded with the step inside the step function.
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), sum(map(ord, stage_name)))
   writer = create_writer(config, stage_dir)
   if start == 0:
     writer.write_hparams({f"{stage_name}.{k}": v for k, v in stage_config.to_dict().items()})
   report = periodic_actions.ReportProgress(num_train_steps=stage_config.num_steps, writer=writer)
-  metrics, last_skipped = {}, int(state.skipped_steps)
-  with metric_writers.ensure_flushes(writer):
-    steps = range(start, stage_config.num_steps)
-    for step, batch in _prefetch(batches.batch, steps):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = p_train_step(state, ts.shard_batch(batch, num_devices), dropout_rng)
-      done = step + 1
-      report(done)
-      if done % stage_config.log_every == 0 or done == stage_config.num_steps:
-        scalars = {name: float(value) for name, value in metrics.items()}
-        scalars["learning_rate"] = float(learning_rate(step))
-        writer.write_scalars(done, scalars)
-        skipped_now = int(scalars["skipped_steps"]) - last_skipped
-        if skipped_now >= min(stage_config.log_every, done - start):
-          raise FloatingPointError(f"{stage_name}: every step up to {done} had a non-finite loss or gradient")
-        last_skipped = int(scalars["skipped_steps"])
-      if done % stage_config.checkpoint_every == 0 or done == stage_config.num_steps:
-        checkpoints.save(manager, done, state.params, state.opt_state,
-                         {"step": done, "data_step": done, "skipped_steps": int(state.skipped_steps),
-                          "seed": config.seed, "model": config.model.to_dict()})
-  manager.wait_until_finished()
+  # The current logging interval: the steps after ``interval_start`` (the start, the resume point or
+  # the previous metric write), and the skipped-step count when it began.
+  metrics, interval_start, interval_skipped = {}, start, int(state.skipped_steps)
+  try:
+    with metric_writers.ensure_flushes(writer):
+      steps = range(start, stage_config.num_steps)
+      for step, batch in _prefetch(batches.batch, steps):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = p_train_step(state, ts.shard_batch(batch, num_devices), dropout_rng)
+        done = step + 1
+        report(done)
+        if done % stage_config.log_every == 0 or done == stage_config.num_steps:
+          scalars = {name: float(value) for name, value in metrics.items()}
+          writer.write_scalars(done, scalars)
+          skipped = int(scalars["skipped_steps"])
+          # However short the interval (the last one, the first after a resume), a run that applied
+          # no update in it is not training: stop rather than checkpoint unchanged parameters.
+          if skipped - interval_skipped == done - interval_start:
+            raise FloatingPointError(
+                f"{stage_name}: steps {interval_start + 1} to {done} (of {stage_config.num_steps}) all had a "
+                f"non-finite loss or gradient; none of them updated the parameters")
+          interval_start, interval_skipped = done, skipped
+        if done % stage_config.checkpoint_every == 0 or done == stage_config.num_steps:
+          checkpoints.save(manager, done, state.params, state.opt_state,
+                           {"step": done, "data_step": done, "skipped_steps": int(state.skipped_steps),
+                            "seed": config.seed, "model": config.model.to_dict(),
+                            "fingerprint": fingerprint, "num_steps": stage_config.num_steps})
+  finally:
+    # Saves are asynchronous: finish the one in flight even when the loop raises, so a rerun
+    # resumes from it rather than from the one before.
+    manager.wait_until_finished()
   final = {name: float(value) for name, value in metrics.items()}
   final["steps"] = stage_config.num_steps
   return final, manager.directory

@@ -8,17 +8,19 @@ import pytest
 
 from tests.helpers import run_python
 
+# Plain SGD without clipping: the update is exactly -lr * grad, so a gradient that is summed rather
+# than averaged over the devices (4x too large) shows up in both grad_norm and the parameters. AdamW
+# with clipping would hide it (Adam's update ignores a uniform scale of the gradient), and so would a
+# warm-up schedule whose first learning rate is 0.
 STEP_SCRIPT = """
 import json, sys
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp, numpy as np, optax
 from tests.helpers import tiny_model_config
-import configs.default
 from axl_jax import encoder, train_step as ts
 model_config = tiny_model_config()
-stage = configs.default.train_stage(learning_rate=1e-2, warmup_steps=1, num_steps=10, weight_decay=0.1)
 params = encoder.init_params(model_config, jax.random.key(0))
 initial = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(params)])
-optimizer = ts.create_optimizer(stage)
+optimizer = optax.sgd(0.02)
 state = ts.create_train_state(params, optimizer)
 step = ts.make_parallel_train_step(encoder.BiEncoder(model_config), optimizer, temperature=0.5)
 rng = np.random.default_rng(1)
@@ -27,13 +29,14 @@ lengths_q = rng.integers(2, 9, queries); lengths_p = rng.integers(2, 13, queries
 batch = {"query_ids": rng.integers(1, 97, (queries, 8)).astype(np.int32), "query_lengths": lengths_q.astype(np.int32),
          "passage_ids": rng.integers(1, 97, (queries * group, 12)).astype(np.int32),
          "passage_lengths": lengths_p.astype(np.int32)}
-losses = []
-for _ in range(2):
+losses, grad_norms = [], []
+for _ in range(3):
   state, metrics = step(state, ts.shard_batch(batch, jax.local_device_count()), jax.random.key(3))
   losses.append(float(metrics["loss"]))
+  grad_norms.append(float(metrics["grad_norm"]))
 flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(state.params)])
-np.save(sys.argv[1] if len(sys.argv) > 1 else OUT, flat)
-print(json.dumps({"losses": losses, "devices": jax.local_device_count(),
+np.save(OUT, flat)
+print(json.dumps({"losses": losses, "grad_norms": grad_norms, "devices": jax.local_device_count(),
                   "change": float(np.abs(flat - initial).max()), "skipped": int(state.skipped_steps)}))
 """
 
@@ -48,11 +51,14 @@ def test_one_device_equals_four_devices():
     one = _run(1, os.path.join(tmp, "one.npy"))
     four = _run(4, os.path.join(tmp, "four.npy"))
     assert one["devices"] == 1 and four["devices"] == 4
+    assert one["skipped"] == four["skipped"] == 0
+    assert min(one["grad_norms"]) > 1e-3  # the gradient is not ~0, so its scale is visible
+    assert one["change"] > 1e-3  # the steps really moved the parameters
+    # The first step's gradient is at identical parameters: its norm alone catches a wrong scale.
+    np.testing.assert_allclose(one["grad_norms"], four["grad_norms"], rtol=1e-4)
     np.testing.assert_allclose(one["losses"], four["losses"], rtol=1e-5, atol=1e-6)
     params_one = np.load(os.path.join(tmp, "one.npy"))
     params_four = np.load(os.path.join(tmp, "four.npy"))
-    assert one["change"] > 1e-3  # the steps really moved the parameters
-    assert one["skipped"] == four["skipped"] == 0
     np.testing.assert_allclose(params_one, params_four, rtol=1e-4, atol=1e-5)
 
 
