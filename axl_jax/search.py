@@ -54,5 +54,6 @@ def search_shards(queries: np.ndarray, shards, depth: int, kind: str = "flat", *
 
 
 def to_run(query_ids: list[str], scores: np.ndarray, docids: list[list[str]]) -> dict[str, dict[str, float]]:
+  """``{qid: {docid: score}}`` of the hits; each float32 score becomes the double of the same value."""
   return {qid: {d: float(s) for d, s in zip(row_ids, row_scores)}
           for qid, row_ids, row_scores in zip(query_ids, docids, scores)}
