@@ -28,17 +28,29 @@ def prefill(params, tokens, prompt_mask, *, config: Qwen2Config, slots: int):
   return cache_k, cache_v, key_mask, logits[:, -1], positions[:, -1] + 1
 
 
+def top_p_filter(logits, top_p: float):
+  """``logits`` [B, V] with every token outside the nucleus set to -inf (HF ``TopPLogitsWarper``).
+
+  The nucleus is the smallest set of most probable tokens whose probabilities sum to at least
+  ``top_p``: a token stays when the tokens ranked above it hold less than ``top_p``, so the top token
+  always stays. Tokens tied with the least probable kept one all stay (HF keeps an arbitrary subset).
+  """
+  if top_p >= 1.0:
+    # HF skips the warper at top_p = 1. Filtering anyway would drop the far tail, whose float32
+    # cumulative sum already rounds to 1.0.
+    return logits
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
 def sample(logits, rng, temperature: float, top_p: float):
   """Greedy when ``temperature == 0``; else temperature, then nucleus (top-p) sampling."""
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-  keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-  logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+  logits = top_p_filter(logits / temperature, top_p)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 

@@ -46,16 +46,54 @@ class Qwen2Config:
       raise ValueError(f"config.json: model_type {hf_config.get('model_type')!r} is not a Qwen2 checkpoint")
     if hf_config.get("hidden_act", "silu") != "silu":
       raise ValueError(f"config.json: hidden_act {hf_config['hidden_act']!r} is not supported (Qwen2 uses silu)")
-    if (hf_config.get("rope_scaling") or {}).get("type") not in (None, "default"):
-      raise ValueError(f"config.json: rope_scaling {hf_config['rope_scaling']} is not supported")
+    _check_unscaled_rope(hf_config)
     return cls(vocab_size=hf_config["vocab_size"], hidden_size=hf_config["hidden_size"],
                intermediate_size=hf_config["intermediate_size"], num_layers=hf_config["num_hidden_layers"],
                num_heads=hf_config["num_attention_heads"],
                num_kv_heads=hf_config.get("num_key_value_heads", hf_config["num_attention_heads"]),
                rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
-               rope_theta=hf_config.get("rope_theta", (hf_config.get("rope_parameters") or {}).get("rope_theta", 1e6)),
+               rope_theta=_rope_theta(hf_config),
                tie_word_embeddings=hf_config.get("tie_word_embeddings", False),
                max_position_embeddings=hf_config.get("max_position_embeddings", 32768), dtype=dtype)
+
+
+def _rope_sections(hf_config: dict) -> list[tuple[str, dict]]:
+  """Every ``(field name, rope dict)`` of a config: ``rope_scaling`` (transformers 4) and ``rope_parameters``
+  (transformers 5, either one dict or one per attention type, e.g. ``{"full_attention": {...}}``)."""
+  sections = []
+  for field in ("rope_scaling", "rope_parameters"):
+    value = hf_config.get(field)
+    if value is None:
+      continue
+    if not isinstance(value, dict):
+      raise ValueError(f"config.json: {field} {value!r} is not a dict")
+    if value and all(isinstance(entry, dict) for entry in value.values()):
+      sections += [(f"{field}.{name}", entry) for name, entry in value.items()]
+    else:
+      sections.append((field, value))
+  return sections
+
+
+def _check_unscaled_rope(hf_config: dict) -> None:
+  """Only plain RoPE is implemented: a yarn/linear/dynamic/llama3 config would load and then silently
+  compute wrong angles, so it is refused. ``rope_type`` is the current key, ``type`` the older one."""
+  for field, section in _rope_sections(hf_config):
+    for key in ("rope_type", "type"):
+      if section.get(key) not in (None, "default"):
+        raise ValueError(f"config.json: {field}.{key} {section[key]!r} is not supported (only the default, "
+                         f"unscaled RoPE is implemented); {field} = {section}")
+
+
+def _rope_theta(hf_config: dict) -> float:
+  """``rope_theta`` at the top level (transformers 4) or inside ``rope_parameters`` (transformers 5)."""
+  if "rope_theta" in hf_config:
+    return float(hf_config["rope_theta"])
+  thetas = {float(section["rope_theta"]) for field, section in _rope_sections(hf_config)
+            if field.startswith("rope_parameters") and "rope_theta" in section}
+  if len(thetas) > 1:  # One rotary table serves every layer here.
+    raise ValueError(f"config.json: rope_parameters has several rope_theta values {sorted(thetas)}")
+  # transformers' Qwen2Config falls back to 10000 (not Qwen2.5's 1e6) when a config names no theta.
+  return thetas.pop() if thetas else 10000.0
 
 
 class RMSNorm(nn.Module):
