@@ -80,7 +80,25 @@ class BatchShape:
             "passage_ids": passage_ids, "passage_lengths": passage_lengths}
 
 
-def _rotate(items: list[str], epoch: int, count: int) -> list[str]:
+def query_buckets(config) -> tuple[int, ...]:
+  """Query lengths a batch may be padded to: a quarter, half and all of ``data.query_max_length``."""
+  longest = config.data.query_max_length
+  return tuple(sorted({max(8, longest // 4), max(8, longest // 2), longest}))
+
+
+def passage_buckets(config) -> tuple[int, ...]:
+  """``data.passage_length_buckets`` below ``data.passage_max_length``, and the maximum itself."""
+  buckets = [int(b) for b in config.data.passage_length_buckets.split(",") if b.strip()]
+  return tuple(sorted({b for b in buckets if b < config.data.passage_max_length}
+                      | {config.data.passage_max_length}))
+
+
+def batch_shape(config, stage_config, process_index: int = 0, process_count: int = 1) -> BatchShape:
+  return BatchShape(stage_config.batch_size, stage_config.group_size, query_buckets(config),
+                    passage_buckets(config), process_index, process_count)
+
+
+def _rotate(items: list, epoch: int, count: int) -> list:
   """``count`` items starting at an epoch-dependent offset, so every item gets its turn."""
   if not items or count <= 0:
     return []
@@ -91,44 +109,48 @@ def _rotate(items: list[str], epoch: int, count: int) -> list[str]:
 class SupervisedBatches:
   """Groups of 1 positive + (group_size - 1) hard negatives per query, from ``TrainExample`` rows.
 
-  With ``adversarial`` negatives (query_id -> passages), each group takes up to ``adversarial_per_group``
-  of them first and fills the rest with the row's own (BM25) negatives.
+  Passages are keyed by ``(language, docid)``: Mr.TyDi reuses ids such as ``"25267#12"`` in every
+  language. With ``adversarial`` negatives (``(language, query_id)`` -> passages), each group takes up
+  to ``adversarial_per_group`` of them first and fills the rest with the row's own (BM25) negatives.
   """
 
   def __init__(self, examples: list[TrainExample], tokenizer, shape: BatchShape, seed: int,
                query_max_length: int, passage_max_length: int, title_separator: str,
-               adversarial: dict[str, tuple[Passage, ...]] | None = None, adversarial_per_group: int = 0):
+               adversarial: dict[tuple[str, str], tuple[Passage, ...]] | None = None,
+               adversarial_per_group: int = 0):
     self.examples, self.shape, self.seed = examples, shape, seed
     self.adversarial, self.adversarial_per_group = adversarial or {}, adversarial_per_group
     self.query_tokens = tokenize(tokenizer, [e.query for e in examples], query_max_length)
     # Passages are shared between queries (a BM25 negative is often another query's positive), so
-    # each distinct docid is tokenized once.
-    self.passage_index: dict[str, int] = {}
+    # each distinct passage is tokenized once.
+    self.passage_index: dict[tuple[str, str], int] = {}
     texts = []
-    extra = [p for passages in self.adversarial.values() for p in passages]
-    for passage in [p for e in examples for p in e.positives + e.negatives] + extra:
-      if passage.docid not in self.passage_index:
-        self.passage_index[passage.docid] = len(texts)
+    keyed = [((e.language, p.docid), p) for e in examples for p in e.positives + e.negatives]
+    keyed += [((language, p.docid), p) for (language, _), passages in self.adversarial.items() for p in passages]
+    for key, passage in keyed:
+      if key not in self.passage_index:
+        self.passage_index[key] = len(texts)
         texts.append(passage_text(passage, title_separator))
     self.passage_tokens = tokenize(tokenizer, texts, passage_max_length)
     # The pool that fills groups short of hard negatives: the rows' own passages, never adversarial ones.
-    self.all_docids = list(dict.fromkeys(p.docid for e in examples for p in e.positives + e.negatives))
+    self.pool = list(dict.fromkeys(key for key, _ in keyed[:sum(len(e.positives + e.negatives) for e in examples)]))
 
   def group(self, epoch: int, index: int) -> list[int]:
     """Passage token indices for one query: positive first, then rotating hard negatives."""
     example = self.examples[index]
+    language = example.language
     rng = np.random.default_rng([self.seed, _NEGATIVE_SALT, epoch, index])
     positive = example.positives[epoch % len(example.positives)]
     wanted = self.shape.group_size - 1
-    adversarial = [p.docid for p in self.adversarial.get(example.query_id, ())]
+    adversarial = [(language, p.docid) for p in self.adversarial.get(example.key, ())]
     chosen = _rotate(adversarial, epoch, min(self.adversarial_per_group, wanted))
-    chosen += _rotate([p.docid for p in example.negatives], epoch, wanted - len(chosen))
-    positives = {p.docid for p in example.positives}
+    chosen += _rotate([(language, p.docid) for p in example.negatives], epoch, wanted - len(chosen))
+    positives = {(language, p.docid) for p in example.positives}
     while len(chosen) < wanted:  # Too few hard negatives: fill with random passages of the pool.
-      docid = self.all_docids[int(rng.integers(len(self.all_docids)))]
-      if docid not in positives or len(self.all_docids) <= len(positives):
-        chosen.append(docid)
-    return [self.passage_index[positive.docid]] + [self.passage_index[d] for d in chosen]
+      key = self.pool[int(rng.integers(len(self.pool)))]
+      if key not in positives or len(self.pool) <= len(positives):
+        chosen.append(key)
+    return [self.passage_index[(language, positive.docid)]] + [self.passage_index[k] for k in chosen]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     positions = example_positions(self.seed, step, self.shape.batch_size, len(self.examples))

@@ -1,13 +1,14 @@
-"""Orbax checkpoints of a training stage, params-only restores, and atomic JSON files.
+"""Orbax checkpoints of a training stage, params-only restores, and content digests of checkpoints.
 
 A stage checkpoint holds three items: ``params``, ``opt_state`` and ``meta`` (JSON: step, data
 position, skipped steps, seed). Evaluation and export restore the ``params`` item alone, from a
-stage's ``checkpoints`` directory (its latest step) or from one step directory.
+stage's ``checkpoints`` directory (its latest step) or from one step directory; ``digest`` names a
+checkpoint by its content.
 """
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
 import os
 from typing import Any
 
@@ -54,6 +55,39 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params_tree, abs
   return restored["params"], restored["opt_state"], restored["meta"]
 
 
+def resolve(path: str) -> tuple[str, int]:
+  """``(manager_directory, step)`` of a stage's ``checkpoints`` dir (its latest step) or of one step's dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
+    return os.path.dirname(path), int(os.path.basename(path))
+  if os.path.isdir(path):
+    step = ocp.CheckpointManager(path).latest_step()
+    if step is None:
+      raise FileNotFoundError(f"checkpoint directory {path!r} holds no finished checkpoint")
+    return path, step
+  raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+
+
+def digest(path: str) -> str:
+  """A hash of the parameters' bytes on disk (the ``params`` item of the resolved step).
+
+  Work derived from a checkpoint (embeddings, scores) is keyed by this, not by the path: a stage
+  retrained in place has the same path and other parameters.
+  """
+  directory, step = resolve(path)
+  params_dir = os.path.join(directory, str(step), "params")
+  sha = hashlib.sha256()
+  for root, dirs, files in os.walk(params_dir):
+    dirs.sort()
+    for name in sorted(files):
+      file_path = os.path.join(root, name)
+      sha.update(os.path.relpath(file_path, params_dir).encode() + b"\0")
+      with open(file_path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+          sha.update(block)
+  return sha.hexdigest()[:24]
+
+
 def restore_params(path: str, model_config):
   """``(params, model_config)`` from a stage's ``checkpoints`` dir (latest step) or one step's dir.
 
@@ -61,15 +95,7 @@ def restore_params(path: str, model_config):
   exported without repeating its architecture on the command line; ``model_config`` is the fallback
   for checkpoints without one.
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "params")) and os.path.basename(path).isdigit():
-    directory, step = os.path.dirname(path), int(os.path.basename(path))
-  elif os.path.isdir(path):
-    directory, step = path, ocp.CheckpointManager(path).latest_step()
-    if step is None:
-      raise FileNotFoundError(f"checkpoint directory {path!r} holds no finished checkpoint")
-  else:
-    raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+  directory, step = resolve(path)
   manager = ocp.CheckpointManager(directory)
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   if meta.get("model"):
@@ -77,14 +103,3 @@ def restore_params(path: str, model_config):
   params = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params(model_config))))["params"]
   return params, model_config
-
-
-def write_json_atomic(path: str, value) -> None:
-  """Writes JSON to ``path`` through a temporary file and a rename: readers never see half a file."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  partial = f"{path}.partial"
-  with open(partial, "w", encoding="utf-8") as file:
-    json.dump(value, file, indent=2, ensure_ascii=False, sort_keys=True)
-    file.flush()
-    os.fsync(file.fileno())
-  os.replace(partial, path)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -45,6 +47,12 @@ class TrainExample:
   query: str
   positives: tuple[Passage, ...]
   negatives: tuple[Passage, ...]
+  language: str = ""              # ids are unique only within a language: key by (language, id)
+  answers: tuple[str, ...] = ()   # short answers, when the rows carry them (TyDi QA-style "answers")
+
+  @property
+  def key(self) -> tuple[str, str]:
+    return self.language, self.query_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,10 +177,11 @@ def read_corpus(spec: str) -> list[Passage]:
   return passages
 
 
-def read_train(spec: str) -> list[TrainExample]:
-  """Training rows ``{query_id, query, positive_passages, negative_passages}``.
+def read_train(spec: str, language: str = "") -> list[TrainExample]:
+  """Training rows ``{query_id, query, positive_passages, negative_passages[, answers]}`` of one language.
 
   Empty passages are dropped and counted; a row left without a positive is skipped and counted.
+  ``answers`` (a list of strings) is optional: Mr.TyDi rows have none, TyDi QA-derived rows may.
   """
   examples = []
   skipped = SkipCounter(f"training data {spec}")
@@ -199,7 +208,10 @@ def read_train(spec: str) -> list[TrainExample]:
     if not groups[0]:
       skipped.skip("no non-empty 'positive_passages'", where)
       continue
-    examples.append(TrainExample(query_id, query, groups[0], groups[1]))
+    answers = row.get("answers") or []
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+      raise DataError(f"{where}: field 'answers' should be a list of strings, got {answers!r:.80}")
+    examples.append(TrainExample(query_id, query, groups[0], groups[1], language, tuple(answers)))
   skipped.log()
   if not examples:
     raise DataError(f"training data {spec!r}: no usable rows")
@@ -243,17 +255,81 @@ def qrels_from_queries(queries: list[Query]) -> dict[str, dict[str, int]]:
   return {query.query_id: {docid: 1 for docid in query.positive_docids} for query in queries}
 
 
-def check_qrels(qrels: dict[str, dict[str, int]], docids: set[str], source: str):
-  """Every judged docid must be in the corpus: a missing one means the wrong corpus or a stale file."""
-  if os.path.exists(source):
-    with _open_text(source) as lines:
-      for line_number, line in enumerate(lines, start=1):
-        fields = line.split()
-        if len(fields) == 4 and fields[2] not in docids:
-          raise DataError(f"{source}:{line_number}: field 'docid': {fields[2]!r} is not in the corpus")
-    return
+def check_qrels(qrels: dict[str, dict[str, int]], docids: set[str], source: str, qrels_file: bool):
+  """Every judged docid must be in the corpus: a missing one means the wrong corpus or a stale file.
+
+  ``source`` is the qrels file (``qrels_file``) or the query rows the judgements came from; the error
+  names its line.
+  """
   for query_id, judged in qrels.items():
     for docid in judged:
       if docid not in docids:
-        raise DataError(f"{source}: query {query_id!r}, field 'positive_passages.docid': "
-                        f"{docid!r} is not in the corpus")
+        raise DataError(f"{_line_of(source, query_id, docid, qrels_file)}: field "
+                        f"'{'docid' if qrels_file else 'positive_passages.docid'}': {docid!r} (query {query_id!r}) "
+                        "is not in the corpus")
+
+
+def _line_of(source: str, query_id: str, docid: str, qrels_file: bool) -> str:
+  """``source:line`` of the judgement, found again only when there is an error to report."""
+  if source.startswith("hf:"):
+    return source
+  for path in sorted(glob.glob(source)) or [source]:
+    with _open_text(path) as lines:
+      for line_number, line in enumerate(lines, start=1):
+        if qrels_file:
+          fields = line.split()
+          if len(fields) == 4 and fields[0] == query_id and fields[2] == docid:
+            return f"{path}:{line_number}"
+        elif line.strip():
+          row = json.loads(line)
+          if str(row.get("query_id")) == query_id:
+            return f"{path}:{line_number}"
+  return source
+
+
+def training_specs(config, stage_config) -> list[tuple[str, str]]:
+  """``(language, file spec)`` of a supervised stage's training rows (``train_data`` per ``languages``).
+
+  The adversarial rounds train on, and generate for, ``config.finetune``'s rows.
+  """
+  languages = parse_languages(stage_config.languages, "languages of the training rows") or [""]
+  return [(language, expand_spec(stage_config.train_data, config.data.root, language, "train"))
+          for language in languages]
+
+
+def read_training_rows(config, stage_config) -> list[TrainExample]:
+  return [example for language, spec in training_specs(config, stage_config)
+          for example in read_train(spec, language)]
+
+
+_FULL_HASH_BYTES, _SAMPLE_BLOCKS = 64 << 20, 16
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+  """sha256 of the whole file up to 64 MiB; above that, of its size and 16 evenly spaced 1-MiB blocks."""
+  sha = hashlib.sha256()
+  with open(path, "rb") as file:
+    if size <= _FULL_HASH_BYTES:
+      for block in iter(lambda: file.read(1 << 24), b""):
+        sha.update(block)
+    else:
+      sha.update(str(size).encode())
+      for index in range(_SAMPLE_BLOCKS):
+        file.seek((size - (1 << 20)) * index // (_SAMPLE_BLOCKS - 1))
+        sha.update(file.read(1 << 20))
+  return sha.hexdigest()[:16]
+
+
+def spec_identity(spec: str) -> list:
+  """What a data spec currently points at, for fingerprints: hub names as they are, local files by content.
+
+  File names are kept without their directories, so a moved data root (or a fresh clone) matches.
+  """
+  if spec.startswith("hf:"):
+    return [spec]
+  identity = []
+  for path in sorted(glob.glob(spec)):
+    stat = os.stat(path)
+    identity.append([os.path.basename(path), stat.st_size, _file_digest(path, stat.st_size, stat.st_mtime_ns)])
+  return identity

@@ -1,13 +1,20 @@
-"""Encode texts with a trained encoder (jitted, batched) and export embeddings as numpy shards.
+"""Encode texts with a trained encoder (jitted, batched) and keep embeddings as numpy shards.
 
 A shard is ``<name>.<index>.npy`` (float32 ``[n, dim]``) beside ``<name>.<index>.ids.txt`` (one id per
-line); ``manifest.json`` names the checkpoint, the model config and every shard. Shards are written
-atomically and an interrupted export resumes at the first missing shard. Load with ``load_shards``
-or plain ``numpy.load``.
+line); ``<name>.manifest.json`` names the checkpoint, its content digest, the model config and every
+shard. Shards are written atomically and an interrupted export resumes at the first missing shard.
+Load with ``load_shards`` or plain ``numpy.load``.
+
+Shards are keyed by what decides them: the checkpoint's *content* (``checkpoints.digest``), the
+tokenizer, the lengths, the data files and the shard size. ``language_embeddings`` keeps one set per
+key under ``<workdir>/embeddings/``, so evaluation, the rounds' dev evaluation and export encode a
+corpus once per checkpoint, and a stage retrained in place (same path, new parameters) is re-encoded.
 """
+
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 
@@ -15,8 +22,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from axl_jax import checkpoints
-from axl_jax.batching import bucket_length, pad
+from axl_jax import checkpoints, data, io, tokenization
+from axl_jax.batching import bucket_length, pad, passage_buckets, query_buckets
 from axl_jax.encoder import BiEncoder
 from axl_jax.tokenization import tokenize
 
@@ -58,57 +65,124 @@ def encode_texts(params, model_config, tokenizer, texts: list[str], tower: str, 
   return output if output is not None else np.zeros((0, 0), np.float32)
 
 
-def _save_npy_atomic(path: str, array: np.ndarray):
-  with open(path + ".partial", "wb") as file:
-    np.save(file, array)
-  os.replace(path + ".partial", path)
+class Encoder:
+  """A checkpoint's query and passage towers, restored once, with the run's tokenizer and lengths."""
 
+  def __init__(self, checkpoint: str, config, tokenizer):
+    self.checkpoint, self.config, self.tokenizer = checkpoint, config, tokenizer
+    self.params, self.model_config = checkpoints.restore_params(checkpoint, config.model)
+    self.digest = checkpoints.digest(checkpoint)
 
-def _save_text_atomic(path: str, lines: list[str]):
-  with open(path + ".partial", "w", encoding="utf-8") as file:
-    file.write("".join(line + "\n" for line in lines))
-  os.replace(path + ".partial", path)
+  def encode(self, texts: list[str], tower: str, batch_size: int | None = None, progress=None) -> np.ndarray:
+    data_config = self.config.data
+    if tower == "query":
+      max_length, buckets = data_config.query_max_length, query_buckets(self.config)
+    else:
+      max_length, buckets = data_config.passage_max_length, passage_buckets(self.config)
+    return encode_texts(self.params, self.model_config, self.tokenizer, texts, tower, max_length, buckets,
+                        batch_size or self.config.evaluate.encode_batch_size, progress)
+
+  def key(self) -> str:
+    """Names this encoder's embeddings: checkpoint content, tokenizer and every setting of the encoding."""
+    data_config = self.config.data
+    settings = [self.digest, tokenization.fingerprint(self.tokenizer), data_config.query_max_length,
+                data_config.passage_max_length, query_buckets(self.config), passage_buckets(self.config),
+                data_config.title_separator]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
 
 def export_shards(directory: str, name: str, ids: list[str], embed_fn, shard_size: int, manifest: dict,
                   description: str = "") -> dict:
   """Writes ``embed_fn(ids[a:b], progress)`` shard by shard; returns (and writes) the manifest.
 
-  Shards already on disk from an interrupted run of the same checkpoint are kept, not recomputed.
+  ``manifest["key"]`` says what the shards are made from; shards on disk from an interrupted run with
+  the same key are kept, any others removed first.
   """
   os.makedirs(directory, exist_ok=True)
-  manifest_path = os.path.join(directory, f"{name}.manifest.json")
+  key = [manifest["key"], shard_size, len(ids)]
   progress_path = os.path.join(directory, f"{name}.progress.json")
-  if os.path.exists(progress_path):
-    with open(progress_path, encoding="utf-8") as file:
-      if json.load(file).get("checkpoint") != manifest.get("checkpoint"):
-        for stale in os.listdir(directory):  # Another checkpoint's shards: never mix them.
-          if stale.startswith(name + "."):
-            os.remove(os.path.join(directory, stale))
-  checkpoints.write_json_atomic(progress_path, {"checkpoint": manifest.get("checkpoint")})
+  if os.path.exists(progress_path) and io.read_json(progress_path).get("key") != key:
+    for stale in os.listdir(directory):  # Another checkpoint's or another setting's shards: never mix them.
+      if stale.startswith(name + "."):
+        os.remove(os.path.join(directory, stale))
+  manifest_path = os.path.join(directory, f"{name}.manifest.json")
+  if os.path.exists(manifest_path) and os.path.exists(progress_path):
+    return io.read_json(manifest_path)  # Finished earlier with the same key.
+  io.write_json(progress_path, {"key": key})
   shards = []
   progress = tqdm(total=len(ids), desc=description or name, unit="text", leave=False)
   for index, start in enumerate(range(0, max(len(ids), 1), shard_size)):
     shard_ids = ids[start:start + shard_size]
     stem = os.path.join(directory, f"{name}.{index:05d}")
     if not (os.path.exists(stem + ".npy") and os.path.exists(stem + ".ids.txt")):
-      _save_npy_atomic(stem + ".npy", embed_fn(shard_ids, progress).astype(np.float32))
-      _save_text_atomic(stem + ".ids.txt", shard_ids)
+      io.save_npy(stem + ".npy", embed_fn(shard_ids, progress).astype(np.float32))
+      io.write_lines(stem + ".ids.txt", shard_ids)
     else:
       progress.update(len(shard_ids))
     shards.append({"embeddings": os.path.basename(stem) + ".npy", "ids": os.path.basename(stem) + ".ids.txt",
                    "count": len(shard_ids)})
   progress.close()
   manifest = dict(manifest, name=name, count=len(ids), shards=shards)
-  checkpoints.write_json_atomic(manifest_path, manifest)
+  io.write_json(manifest_path, manifest)
   return manifest
 
 
-def load_shards(directory: str, name: str):
+def export_language(encoder: Encoder, directory: str, language: str, splits: list[str], shard_size: int) -> dict:
+  """Corpus and query embedding shards of one language in ``directory``; returns ``{name: manifest}``."""
+  config = encoder.config
+  corpus_spec = data.expand_spec(config.data.corpus, config.data.root, language)
+  header = {"checkpoint": encoder.checkpoint, "checkpoint_digest": encoder.digest, "language": language,
+            "model": encoder.model_config.to_dict()}
+  manifests = {}
+  # The corpus is read only when its shards are missing.
+  corpus_key = _key(encoder.key(), data.spec_identity(corpus_spec))
+  corpus_ids = _ids_if_done(directory, "corpus", corpus_key, shard_size)
+  if corpus_ids is None:
+    corpus = data.read_corpus(corpus_spec)
+    texts = {p.docid: data.passage_text(p, config.data.title_separator) for p in corpus}
+    corpus_ids = list(texts)
+    embed = lambda ids, progress: encoder.encode([texts[i] for i in ids], "passage", progress=progress)
+  else:
+    embed = None
+  manifests["corpus"] = export_shards(directory, "corpus", corpus_ids, embed, shard_size,
+                                      dict(header, tower="passage", key=corpus_key), f"{language} corpus")
+  for split in splits:
+    queries_spec = data.expand_spec(config.data.queries, config.data.root, language, split)
+    queries = {q.query_id: q.query for q in data.read_queries(queries_spec)}
+    manifests[f"queries-{split}"] = export_shards(
+        directory, f"queries-{split}", list(queries),
+        lambda ids, progress: encoder.encode([queries[i] for i in ids], "query", progress=progress), shard_size,
+        dict(header, tower="query", split=split, key=_key(encoder.key(), data.spec_identity(queries_spec))),
+        f"{language} {split} queries")
+  return manifests
+
+
+def _key(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _ids_if_done(directory: str, name: str, key: str, shard_size: int) -> list[str] | None:
+  """The ids of finished shards made with ``key`` (so the source need not be read again), else None."""
+  progress_path = os.path.join(directory, f"{name}.progress.json")
+  manifest_path = os.path.join(directory, f"{name}.manifest.json")
+  if not (os.path.exists(progress_path) and os.path.exists(manifest_path)):
+    return None
+  manifest = io.read_json(manifest_path)
+  if manifest.get("key") != key or io.read_json(progress_path).get("key", [None, None])[:2] != [key, shard_size]:
+    return None
+  return [i for ids, _ in load_shards(directory, name, with_embeddings=False) for i in ids]
+
+
+def language_embeddings(workdir: str, encoder: Encoder, language: str, splits: list[str]) -> str:
+  """The directory of ``encoder``'s corpus and query shards for ``language``, encoding what is missing."""
+  directory = os.path.join(workdir, "embeddings", encoder.key(), language)
+  export_language(encoder, directory, language, splits, encoder.config.evaluate.shard_size)
+  return directory
+
+
+def load_shards(directory: str, name: str, with_embeddings: bool = True):
   """Yields ``(ids, embeddings)`` for each shard listed in ``<name>.manifest.json``."""
-  with open(os.path.join(directory, f"{name}.manifest.json"), encoding="utf-8") as file:
-    manifest = json.load(file)
+  manifest = io.read_json(os.path.join(directory, f"{name}.manifest.json"))
   for shard in manifest["shards"]:
-    with open(os.path.join(directory, shard["ids"]), encoding="utf-8") as file:
-      ids = [line.rstrip("\n") for line in file]
-    yield ids, np.load(os.path.join(directory, shard["embeddings"]))
+    ids = io.read_lines(os.path.join(directory, shard["ids"]))
+    yield ids, np.load(os.path.join(directory, shard["embeddings"])) if with_embeddings else None

@@ -58,15 +58,21 @@ def name_table(num_layers: int, type_vocab_size: int) -> list[tuple[str, tuple[s
   return table
 
 
+# What ``resolve`` downloads: weights, configs and tokenizer files of encoders and of the Qwen generator,
+# never pytorch_model.bin or other framework copies. Newer hub repos keep the chat template in its own
+# chat_template.jinja rather than in tokenizer_config.json; without it the generator has no template.
+DOWNLOAD_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "sentencepiece*",
+                     "special_tokens_map.json", "vocab.txt", "*.model", "modules.json", "1_Pooling/*",
+                     "chat_template.jinja")
+
+
 def resolve(name_or_path: str) -> str:
   """A local directory holding the checkpoint: the path itself, or a hub snapshot (cached)."""
   if os.path.isdir(name_or_path):
     return name_or_path
   from huggingface_hub import snapshot_download
-  patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "sentencepiece*",
-              "special_tokens_map.json", "vocab.txt", "*.model", "modules.json", "1_Pooling/*"]
   try:
-    return snapshot_download(name_or_path, allow_patterns=patterns)
+    return snapshot_download(name_or_path, allow_patterns=list(DOWNLOAD_PATTERNS))
   except Exception as error:  # Offline, unknown repo, gated repo: all need the same advice.
     raise FileNotFoundError(
         f"could not get {name_or_path!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
@@ -246,9 +252,20 @@ def hf_config_from_model_config(model_config, family: str) -> dict:
   }
 
 
-def export_encoder(params_tower: dict, model_config, tokenizer, directory: str) -> None:
-  """Writes one tower as a HF model directory with a sentence-transformers description, atomically."""
+def export_encoder(params_tower: dict, model_config, tokenizer, directory: str, *, max_seq_length: int) -> None:
+  """Writes one tower as a HF model directory with a sentence-transformers description, atomically.
+
+  ``max_seq_length`` goes to ``sentence_bert_config.json``: sentence-transformers truncates every input
+  to it, so it must be the passage length the model was trained with (``data.passage_max_length``),
+  not the size of the position table, which the model never saw filled.
+  """
   from safetensors.numpy import save_file
+  longest = model_config.max_position_embeddings - model_config.position_offset
+  if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, (int, np.integer)) or \
+      not 0 < max_seq_length <= longest:
+    raise ValueError(f"export_encoder: max_seq_length {max_seq_length!r} must be an integer in 1..{longest} "
+                     f"(model.max_position_embeddings {model_config.max_position_embeddings} - "
+                     f"model.position_offset {model_config.position_offset})")
   # Position offset 0 is BERT's convention; any other is RoBERTa's (pad_token_id + 1).
   family = "bert" if model_config.position_offset == 0 else "xlm-roberta"
   tensors = flax_to_hf(params_tower["transformer"], model_config)
@@ -288,7 +305,6 @@ def export_encoder(params_tower: dict, model_config, tokenizer, directory: str) 
   with open(os.path.join(partial, "modules.json"), "w", encoding="utf-8") as file:
     json.dump(modules, file, indent=2)
   with open(os.path.join(partial, "sentence_bert_config.json"), "w", encoding="utf-8") as file:
-    json.dump({"max_seq_length": model_config.max_position_embeddings - model_config.position_offset,
-               "do_lower_case": False}, file, indent=2)
+    json.dump({"max_seq_length": int(max_seq_length), "do_lower_case": False}, file, indent=2)
   shutil.rmtree(directory, ignore_errors=True)
   os.replace(partial, directory)

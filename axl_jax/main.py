@@ -24,10 +24,15 @@ def main(argv):
       lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname)
   import os
   import jax
-  from axl_jax import stages
+  import sys
+  from axl_jax import data, pipeline
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  stages.run(FLAGS.config, FLAGS.workdir)
+  try:
+    pipeline.run(FLAGS.config, FLAGS.workdir)
+  except (pipeline.StaleStagesError, data.DataError) as error:  # The user's to act on: no traceback.
+    sys.stderr.write(f"\nerror: {error}\n")
+    sys.exit(2)
   results = os.path.join(FLAGS.workdir, "evaluate", "results.md")
   if os.path.exists(results) and jax.process_index() == 0:
     with open(results, encoding="utf-8") as file:

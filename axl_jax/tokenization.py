@@ -75,3 +75,17 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[np.ndarray]:
     return []
   encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
   return [np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]
+
+
+def fingerprint(tokenizer) -> str:
+  """A hash of the tokenizer's full definition (vocabulary, merges, normalisation, special tokens)."""
+  import hashlib
+  import json
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None:
+    return hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+  definition = json.loads(backend.to_str())
+  # Truncation and padding are set on the backend by each call (they follow the last max_length used).
+  definition.pop("truncation", None)
+  definition.pop("padding", None)
+  return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]

@@ -4,11 +4,12 @@ import ml_collections
 LANGUAGES = "ar,bn,en,fi,id,ja,ko,ru,sw,te,th"
 
 
-def train_stage(**overrides) -> ml_collections.ConfigDict:
-  """Fields of one contrastive training stage (``ict``, ``pretrain``, ``finetune``)."""
+def train_stage(rows: bool = True, **overrides) -> ml_collections.ConfigDict:
+  """Fields of one contrastive training stage; ``rows`` for stages that read training rows of their own."""
   stage = ml_collections.ConfigDict()
-  stage.train_data = ""            # training rows: a glob of JSON Lines ({lang} expands) or hf:NAME:CONFIG:SPLIT
-  stage.languages = ""             # comma-separated language codes for {lang}; "" = no expansion
+  if rows:
+    stage.train_data = ""          # training rows: a glob of JSON Lines ({lang} expands) or hf:NAME:CONFIG:SPLIT
+    stage.languages = ""           # comma-separated language codes for {lang}; "" = no expansion
   stage.num_steps = 1000           # optimiser steps
   stage.batch_size = 32            # queries per step, over all devices of all hosts
   stage.group_size = 8             # passages per query: 1 positive + (group_size - 1) hard negatives
@@ -28,7 +29,10 @@ def train_stage(**overrides) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0                                      # every random choice derives from (seed, step)
-  config.stages = "ict,pretrain,finetune,evaluate,export"  # run in this order; completed ones are skipped
+  config.stages = "ict,pretrain,finetune,evaluate,export"  # run in this order; up-to-date ones are skipped
+  # Stale training stages (made with another config or data) to retrain, with the stages after them:
+  # comma-separated names or "all". Without it a run that would throw training away stops first.
+  config.recompute = ""
 
   config.model = ml_collections.ConfigDict()
   config.model.vocab_size = 250002            # filled from the tokenizer when trained from scratch
@@ -68,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.passage_length_buckets = "64,128,256"  # pad each batch to the smallest bucket that fits
   config.data.title_separator = " "           # passage text = title + separator + text (Tevatron)
 
-  config.ict = train_stage(num_steps=10000, batch_size=256, group_size=1, learning_rate=1e-4,
+  # ICT reads the corpus (ict.corpus or data.corpus of data.languages), not training rows.
+  config.ict = train_stage(rows=False, num_steps=10000, batch_size=256, group_size=1, learning_rate=1e-4,
                            warmup_steps=1000, temperature=1.0)
   config.ict.corpus = ""                      # passages for pseudo pairs ("" = data.corpus)
   config.ict.remove_sentence_prob = 0.9       # ORQA: the query sentence leaves its passage 90% of the time
@@ -117,8 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.adversarial.guard_margin = 0.0
   config.adversarial.adversarial_per_group = 1  # kept adversarial negatives in each training group
   config.adversarial.score_batch_size = 256   # encoding batch when scoring candidates
-  config.adversarial.train = train_stage(num_steps=2000, batch_size=128, group_size=8, learning_rate=5e-6,
-                                         warmup_steps=100, checkpoint_every=500)
+  # The rounds train on finetune's rows (and generate for them); init_checkpoint applies to round_1 only.
+  config.adversarial.train = train_stage(rows=False, num_steps=2000, batch_size=128, group_size=8,
+                                         learning_rate=5e-6, warmup_steps=100, checkpoint_every=500)
 
   config.visualize = ml_collections.ConfigDict()
   config.visualize.queries_per_language = 30  # queries whose query/positive/BM25/adversarial points are plotted

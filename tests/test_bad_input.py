@@ -41,8 +41,19 @@ def test_empty_passages_are_skipped_and_counted(tmp_path, caplog):
 
 def test_qrels_docid_missing_from_corpus(tmp_path):
   path = _write(tmp_path / "dev.tsv", ["q1 0 d1 1", "q2 0 d404 1"])
-  with pytest.raises(data.DataError, match=r"dev.tsv:2: field 'docid': 'd404' is not in the corpus"):
-    data.check_qrels(data.read_qrels(path), {"d1"}, path)
+  with pytest.raises(data.DataError, match=r"dev.tsv:2: field 'docid': 'd404' \(query 'q2'\) is not in the corpus"):
+    data.check_qrels(data.read_qrels(path), {"d1"}, path, qrels_file=True)
+
+
+def test_positives_of_query_rows_missing_from_corpus(tmp_path):
+  # Judgements taken from the query rows of a plain local file (data.qrels = ""): the check used to
+  # read that file as TREC qrels, find no 4-field line and pass.
+  rows = [{"query_id": "q1", "query": "a", "positive_passages": [{"docid": "d1"}]},
+          {"query_id": "q2", "query": "b", "positive_passages": [{"docid": "d404"}]}]
+  path = _write(tmp_path / "dev.jsonl", [json.dumps(row) for row in rows])
+  queries = data.read_queries(path)
+  with pytest.raises(data.DataError, match=r"dev.jsonl:2: field 'positive_passages.docid': 'd404'"):
+    data.check_qrels(data.qrels_from_queries(queries), {"d1"}, path, qrels_file=False)
 
 
 def test_unknown_language_code():
@@ -59,6 +70,8 @@ def _launch(*overrides):
 @pytest.mark.parametrize("override, message", [
     ("--config.finetune.learning_rat=1", "learning_rat"),
     ("--config.stages=ict,finetuen", "unknown stage 'finetuen'"),
+    ("--config.stages=ict,round_3", "round_3 but adversarial.rounds is 1"),
+    ("--config.recompute=finetuen", "config field recompute: unknown stage 'finetuen'"),
     ("--config.data.languages=en,zz", "unknown language code 'zz'"),
     ("--config.data.root=/nonexistent", "does not exist"),
 ])
@@ -70,11 +83,15 @@ def test_config_mistakes_fail_at_launch(override, message):
 
 def test_every_shipped_config_loads_and_validates_its_fields():
   import importlib
-  from axl_jax import stages
+  from axl_jax import pipeline
   for name, args in [("demo", ()), ("ict_p", ()), ("axl", ()), ("evaluate", ()), ("ablations", ("no_filter",)),
                      ("ablations", ("random",)), ("ablations", ("no_guard",))]:
     config = importlib.import_module(f"configs.{name}").get_config(*args)
-    for stage in config.stages.split(","):
-      assert stages.find_stage(stage) is not None, (name, stage)
+    names = pipeline.validate_config(config)  # the launch-time validation, data files included
+    assert names == config.stages.split(",") and all(pipeline.stage_module(n) for n in names), name
+  config = importlib.import_module("configs.demo").get_config()
+  config.adversarial.selection = "hardest_first"
+  with pytest.raises(ValueError, match="adversarial.selection must be one of hardest,random,all"):
+    pipeline.validate_config(config)
   with pytest.raises(ValueError, match="unknown ablation 'bogus'"):
     importlib.import_module("configs.ablations").get_config("bogus")

@@ -45,28 +45,33 @@ def test_static_shapes_from_buckets_and_positive_first():
     assert batch["passage_ids"][row * 3, 1] == 5 + ord("p") % 90
 
 
+def _docids(sampler):
+  """Token row -> docid (the tests use one language, so the (language, docid) keys differ by docid only)."""
+  return {index: docid for (_, docid), index in sampler.passage_index.items()}
+
+
 def test_hard_negatives_rotate_across_epochs():
   sampler = _batches(batching.BatchShape(2, 3, (8, 16), (16, 24)))
-  seen = set()
+  docids, seen = _docids(sampler), set()
   for epoch in range(3):
     group = sampler.group(epoch, 0)
-    seen.update(sampler.all_docids[g] for g in group[1:])
+    seen.update(docids[g] for g in group[1:])
   assert seen == {f"n0-{j}" for j in range(5)}
 
 
 def test_missing_negatives_are_filled_from_the_pool():
   examples = _examples(n=6, negatives=0)
   sampler = _batches(batching.BatchShape(2, 3, (8, 16), (16, 24)), examples)
-  group = sampler.group(0, 0)
-  assert len(group) == 3 and sampler.all_docids[group[0]] == "p0" and "p0" not in [sampler.all_docids[g] for g in group[1:]]
+  group, docids = sampler.group(0, 0), _docids(sampler)
+  assert len(group) == 3 and docids[group[0]] == "p0" and "p0" not in [docids[g] for g in group[1:]]
 
 
 def test_adversarial_negatives_come_first_then_bm25():
   examples = _examples(n=4, negatives=3)
-  adversarial = {"q0": tuple(Passage(f"adv{j}", "", f"adversarial {j}") for j in range(2))}
+  adversarial = {("", "q0"): tuple(Passage(f"adv{j}", "", f"adversarial {j}") for j in range(2))}
   sampler = batching.SupervisedBatches(examples, CharTokenizer(), batching.BatchShape(2, 3, (8, 16), (16, 24)), 0,
                                        16, 24, " ", adversarial=adversarial, adversarial_per_group=1)
-  docid = {index: d for d, index in sampler.passage_index.items()}
+  docid = _docids(sampler)
   for epoch in range(2):  # one adversarial negative per group, rotating, then BM25 ones
     group = [docid[g] for g in sampler.group(epoch, 0)]
     assert group[0] == "p0" and group[1] == f"adv{epoch}" and group[2].startswith("n0-")

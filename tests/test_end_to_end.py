@@ -1,6 +1,9 @@
 """One tiny run through every stage, its outputs, resuming a finished run, and restore-and-evaluate."""
+import collections
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +60,20 @@ def test_evaluation_table_and_run_files(finished_run):
   assert len(lines) == 109 * 100 and lines[0].split()[3] == "1"
 
 
+def test_results_equal_trec_eval_on_the_written_run_files(finished_run):
+  from axl_jax import data, metrics
+  workdir, _ = finished_run
+  with open(os.path.join(workdir, "evaluate", "results.json")) as file:
+    results = json.load(file)
+  for system, per_language in results.items():
+    for language, values in per_language.items():
+      qrels = data.read_qrels(os.path.join(REPO, "data", "tydi-mini", "qrels", f"dev.{language}.tsv"))
+      from_file = metrics.evaluate_run_file(qrels, os.path.join(workdir, "evaluate", "runs",
+                                                                f"{system}.{language}.dev.trec"))
+      for measure in metrics.MEASURES:
+        assert abs(from_file[measure] - values[measure]) <= 1e-6, (system, language, measure)
+
+
 def test_exported_shards_load_with_numpy(finished_run):
   workdir, _ = finished_run
   directory = os.path.join(workdir, "export", "th")
@@ -72,7 +89,18 @@ def test_exported_shards_load_with_numpy(finished_run):
 def test_rerun_skips_completed_stages(finished_run):
   workdir, _ = finished_run
   result = _main(workdir)
-  assert result.stderr.count("is complete") == 7
+  assert result.stderr.count("is complete") == 7 and result.stderr.count("up to date; skipping it") == 7
+
+
+def test_changed_training_config_stops_before_touching_anything(finished_run):
+  workdir, _ = finished_run
+  marker = os.path.join(workdir, "finetune", "COMPLETE")
+  before = os.stat(marker).st_mtime_ns
+  result = _main(workdir, "--config.finetune.learning_rate=3e-4", check=False)
+  assert result.returncode == 2
+  assert "finetune (complete): finetune.learning_rate: 0.0002 -> 0.0003" in result.stderr
+  assert "--config.recompute=finetune" in result.stderr and "Traceback" not in result.stderr
+  assert os.stat(marker).st_mtime_ns == before and " starts" not in result.stderr and "resumes" not in result.stderr
 
 
 def test_restore_and_evaluate_any_checkpoint(finished_run, tmp_path):
@@ -96,6 +124,11 @@ def test_adversarial_round_audit_trail(finished_run):
   decisions = [json.loads(line) for line in open(os.path.join(workdir, "round_1", "decisions.jsonl"))]
   assert stats["candidates"] == 3 * (57 + 366)  # three techniques for every bn and th training query
   assert stats["accepted_by_checks"] == len(decisions) and stats["kept"] == sum(d["kept"] for d in decisions)
+  eligible = collections.Counter(d["language"] for d in decisions if d["reason"] != "guard")
+  kept = collections.Counter(d["language"] for d in decisions if d["kept"])
+  assert set(eligible) == {"bn", "th"}
+  for language, count in eligible.items():  # exactly the hardest quarter of each language's eligible ones
+    assert kept[language] == math.ceil(0.25 * count), language
   for decision in decisions:  # every decision is explained by its scores and the threshold in force
     assert decision["margin"] == pytest.approx(decision["score_positive"] - decision["score_negative"], abs=1e-6)
     if decision["reason"] == "guard":
@@ -120,3 +153,69 @@ def test_visualize_writes_images_with_the_expected_points(finished_run):
   assert points["by_role"] == {"query": 10, "positive": 10, "bm25_negative": 10, "adversarial_negative": 10}
   report = open(os.path.join(directory, "report.md")).read()
   assert "![t-SNE of the embedding space](clusters.png)" in report and "| round_1 |" in report
+
+
+def test_recompute_retrains_the_changed_stage_and_what_follows(finished_run, tmp_path):
+  original, _ = finished_run
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(original, workdir)
+  result = _main(workdir, "--config.stages=finetune,round_1,evaluate", "--config.finetune.learning_rate=3e-4",
+                 "--config.recompute=finetune")
+  assert "Stage finetune is recomputed: finetune.learning_rate: 0.0002 -> 0.0003" in result.stderr
+  assert "Stage round_1 is recomputed: its input stage finetune is recomputed" in result.stderr
+  with open(os.path.join(workdir, "finetune", "manifest.json")) as file:
+    assert file.read().count('"learning_rate": 0.0003') >= 1
+  with open(os.path.join(original, "evaluate", "results.json")) as file:
+    old = json.load(file)
+  with open(os.path.join(workdir, "evaluate", "results.json")) as file:
+    new = json.load(file)
+  assert new["ict"] == old["ict"] and new["BM25"] == old["BM25"]   # upstream and lexical results unchanged
+  assert new["finetune"] != old["finetune"]                          # re-encoded from the retrained checkpoint
+  # Stages not in this run keep their old fingerprint; visualize reads round_1, so it is now stale too.
+  result = _main(workdir, "--config.finetune.learning_rate=3e-4", "--config.stages=visualize")
+  assert "Stage visualize is recomputed" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def colliding_ids_run(tmp_path_factory):
+  """The tiny run's training stages on a copy of the demo data whose ids are renamed the Mr.TyDi way."""
+  root = tmp_path_factory.mktemp("mrtydi-style")
+  subprocess.run([sys.executable, os.path.join(REPO, "data", "mrtydi_style_ids.py"),
+                  os.path.join(REPO, "data", "tydi-mini"), str(root / "data")], check=True, capture_output=True)
+  workdir = str(root / "run")
+  _main(workdir, f"--config.data.root={root / 'data'}", "--config.stages=ict,pretrain,finetune,round_1,evaluate",
+        "--config.evaluate.bm25=False")
+  return workdir
+
+
+def test_colliding_ids_train_like_prefixed_ids(finished_run, colliding_ids_run):
+  workdir, _ = finished_run
+  # The ids really collide across the two languages of the tiny config.
+  from axl_jax import data
+  root = os.path.join(os.path.dirname(colliding_ids_run), "data")
+  ids = {lang: {e.query_id for e in data.read_train(os.path.join(root, "train", f"{lang}.jsonl.gz"), lang)}
+         for lang in ("bn", "th")}
+  assert ids["bn"] & ids["th"]
+  # Same texts in the same order: training is the same computation whatever the ids are.
+  for stage in ("ict", "pretrain", "finetune"):
+    manifests = [json.load(open(os.path.join(w, stage, "manifest.json"))) for w in (workdir, colliding_ids_run)]
+    assert manifests[0]["metrics"]["loss"] == manifests[1]["metrics"]["loss"], stage
+  with open(os.path.join(colliding_ids_run, "evaluate", "results.json")) as file:
+    results = json.load(file)
+  with open(os.path.join(workdir, "evaluate", "results.json")) as file:
+    reference = json.load(file)
+  for language in ("bn", "th"):
+    assert results["finetune"][language]["MRR@100"] == pytest.approx(reference["finetune"][language]["MRR@100"],
+                                                                     abs=1e-6)
+
+
+def test_a_round_with_colliding_query_ids_keys_by_language(colliding_ids_run):
+  from axl_jax import data
+  root = os.path.join(os.path.dirname(colliding_ids_run), "data")
+  positives = {(lang, e.query_id): {p.docid for p in e.positives}
+               for lang in ("bn", "th") for e in data.read_train(os.path.join(root, "train", f"{lang}.jsonl.gz"), lang)}
+  decisions = [json.loads(line) for line in open(os.path.join(colliding_ids_run, "round_1", "decisions.jsonl"))]
+  assert {d["language"] for d in decisions} == {"bn", "th"}
+  for decision in decisions:  # each candidate was made from (and scored against) its own language's positive
+    assert decision["source_docid"] in positives[(decision["language"], decision["query_id"])]
+  assert sum(d["kept"] for d in decisions) > 0

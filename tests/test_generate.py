@@ -135,3 +135,51 @@ def test_qwen_backend_killed_and_restarted_loses_and_duplicates_nothing(tmp_path
   assert len(first) == 36 and first == second
   assert len({(r["query_id"], r["technique"]) for r in second}) == 36
   assert all(r["model_id"] == checkpoint and r["new_tokens"] > 0 for r in second)
+
+
+def _rules_config(root, **generator):
+  import tests.configs.tiny as tiny
+  config = tiny.get_config()
+  config.generator.update(backend="rules", languages="en", train_data=f"{root}/train.jsonl", **generator)
+  config.data.corpus = f"{REPO}/data/tydi-mini/corpus/{{lang}}.jsonl.gz"
+  return config
+
+
+def _write_rows(path, rows):
+  with open(path, "w", encoding="utf-8") as file:
+    file.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_contains_answer_fires_when_the_rows_carry_answers(tmp_path):
+  # An edit that leaves the short answer in the passage is not a negative. The rows must say what the
+  # answer is (TyDi QA-style "answers"); Mr.TyDi rows do not, so there the check cannot apply.
+  from axl_jax.negatives import generate
+  text = "The river is 120 km long. Its source is not far from Lyon, and it ends in the sea."
+  rows = [{"query_id": "1", "query": "Where is the source of the river?", "answers": ["Lyon"],
+           "positive_passages": [{"docid": "7#1", "title": "River", "text": text}]},
+          {"query_id": "2", "query": "Where is the source of the river?",
+           "positive_passages": [{"docid": "7#1", "title": "River", "text": text}]}]
+  _write_rows(tmp_path / "train.jsonl", rows)
+  manifest = generate.run(_rules_config(tmp_path, techniques="numerical_perturbation"), str(tmp_path / "out"))
+  records = {r["query_id"]: r for r in _records(str(tmp_path / "out"))}
+  assert records["1"]["reject_reason"] == "contains_answer" and "Lyon" in records["1"]["text"]
+  assert records["2"]["accepted"] and manifest["counts"]["contains_answer"] == 1
+
+
+def test_generator_output_belongs_to_its_prompts_and_rows(tmp_path, monkeypatch):
+  from axl_jax.negatives import generate, prompts
+  rows = [{"query_id": "1", "query": "How long is the river?",
+           "positive_passages": [{"docid": "7#1", "title": "River", "text": "The river is 120 km long."}]}]
+  _write_rows(tmp_path / "train.jsonl", rows)
+  output = str(tmp_path / "out")
+  config = _rules_config(tmp_path, techniques="numerical_perturbation")
+  generate.run(config, output)
+  generate.run(config, output)  # unchanged: the finished shards are reused
+  monkeypatch.setattr(prompts, "PROMPT_VERSION", "v2")
+  with pytest.raises(ValueError, match="another generator config or data"):
+    generate.run(config, output)
+  monkeypatch.setattr(prompts, "PROMPT_VERSION", "v1")
+  rows[0]["positive_passages"][0]["text"] = "The river is 121 km long."
+  _write_rows(tmp_path / "train.jsonl", rows)  # same file name, other content
+  with pytest.raises(ValueError, match="another generator config or data"):
+    generate.run(config, output)

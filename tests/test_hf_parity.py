@@ -137,7 +137,12 @@ def test_export_round_trip_with_trained_tokenizer(tmp_path, pooling, projection_
                              normalize=normalize, type_vocab_size=0)
   params = encoder.init_params(config, jax.random.key(3))
   directory = str(tmp_path / "exported")
-  hf_checkpoint.export_encoder(params["query_encoder"], config, tokenizer, directory)
+  # The passage length of training, below the 64 positions the model has: sentence-transformers must
+  # truncate where training did, not at the end of the position table.
+  trained_length = 40
+  hf_checkpoint.export_encoder(params["query_encoder"], config, tokenizer, directory, max_seq_length=trained_length)
+  with open(os.path.join(directory, "sentence_bert_config.json")) as file:
+    assert json.load(file)["max_seq_length"] == trained_length
 
   tokens = tokenize(tokenizer, _texts(), 32)
   lengths = np.array([len(t) for t in tokens], np.int32)
@@ -154,10 +159,22 @@ def test_export_round_trip_with_trained_tokenizer(tmp_path, pooling, projection_
   assert _max_valid_difference(hidden, ours_hidden, mask) <= 1e-5
 
   st_model = sentence_transformers.SentenceTransformer(directory, device="cpu")
+  assert st_model.max_seq_length == trained_length
   theirs = st_model.encode(_texts(), convert_to_numpy=True)
   np.testing.assert_allclose(theirs, ours, atol=1e-5)
   with open(os.path.join(directory, "1_Pooling", "config.json")) as file:
     assert json.load(file)[f"pooling_mode_{'cls_token' if pooling == 'cls' else 'mean_tokens'}"]
+
+
+def test_export_refuses_a_length_the_model_cannot_take(tmp_path):
+  config = tiny_model_config(type_vocab_size=0)
+  params = encoder.init_params(config, jax.random.key(0))
+  for bad in (0, 65, 64.0, None):
+    with pytest.raises(ValueError, match=rf"max_seq_length {bad!r} must be an integer in 1\.\.64"):
+      hf_checkpoint.export_encoder(params["query_encoder"], config, None, str(tmp_path / "bad"), max_seq_length=bad)
+  assert not os.path.exists(str(tmp_path / "bad"))
+  with pytest.raises(TypeError, match="max_seq_length"):  # no default that could hide a forgotten length
+    hf_checkpoint.export_encoder(params["query_encoder"], config, None, str(tmp_path / "bad"))
 
 
 def test_pipeline_starts_from_init_from_and_exports_it_back(tmp_path):

@@ -9,26 +9,33 @@ technique, backend, model id, prompt version, the generated text, accepted or th
 Records go into fixed shards written atomically; ``manifest.json`` lists the finished ones, so a
 killed run restarts at the first missing shard and ends with no record lost or duplicated.
 """
+import hashlib
+import json
 import os
+import time
+import zlib
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-import zlib  # noqa: E402
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from axl_jax import checkpoints, data  # noqa: E402
-from axl_jax.negatives import checks, prompts, rules  # noqa: E402
-from axl_jax.negatives.records import read_records  # noqa: E402,F401
+from axl_jax import data, io
+from axl_jax.negatives import checks, prompts, rules
+from axl_jax.negatives.records import read_records  # noqa: F401
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Directory for the shards and manifest.json.")
 config_flags.DEFINE_config_file("config", None, "Launch config; its `generator` section is used.", lock_config=True)
 flags.DEFINE_string("config_json", None, "A whole config as JSON (how the pipeline hands its config over).")
+
+
+def _source_specs(config) -> list[tuple[str, str]]:
+  """``(language, spec)`` of the rows whose positives are rewritten: ``generator.train_data`` ("" = finetune's)
+  in ``generator.languages`` (the rounds set them to finetune's rows and languages)."""
+  template = config.generator.train_data or config.finetune.train_data
+  return [(language, data.expand_spec(template, config.data.root, language, "train"))
+          for language in data.parse_languages(config.generator.languages, "generator.languages")]
 
 
 def work_items(config) -> list[dict]:
@@ -38,19 +45,17 @@ def work_items(config) -> list[dict]:
   for technique in techniques:
     if technique not in prompts.TECHNIQUES:
       raise ValueError(f"config field generator.techniques: unknown technique {technique!r}")
-  template = generator.train_data or config.finetune.train_data
   items = []
-  for language in data.parse_languages(generator.languages, "generator.languages"):
-    examples = data.read_train(data.expand_spec(template, config.data.root, language, "train"))
+  for language, spec in _source_specs(config):
+    examples = data.read_train(spec, language)
     if generator.max_queries_per_language:
       examples = examples[:generator.max_queries_per_language]
     for example in examples:
       positive = example.positives[0]
-      answers = tuple(getattr(example, "answers", ()) or ())
       for technique in techniques:
         items.append({"query_id": example.query_id, "query": example.query, "language": language,
                       "source_docid": positive.docid, "title": positive.title, "positive": positive.text,
-                      "technique": technique, "answers": answers})
+                      "technique": technique, "answers": example.answers})
   return items
 
 
@@ -60,14 +65,15 @@ class RulesBackend:
   def __init__(self, config):
     self.seed = config.generator.seed
     self.titles = {}
-    for language in data.parse_languages(config.generator.languages):
+    for language in dict.fromkeys(language for language, _ in _source_specs(config)):
       corpus = data.read_corpus(data.expand_spec(config.data.corpus, config.data.root, language))
       self.titles[language] = sorted({p.title for p in corpus if p.title})
 
   def rewrite(self, items: list[dict]) -> list[tuple[str | None, int]]:
     results = []
     for item in items:
-      rng = np.random.default_rng([self.seed, zlib.crc32(item["query_id"].encode()),
+      # Ids repeat across languages (Mr.TyDi), so the language is part of the stream's key.
+      rng = np.random.default_rng([self.seed, zlib.crc32(f"{item['language']}\0{item['query_id']}".encode()),
                                    list(prompts.TECHNIQUES).index(item["technique"])])
       results.append((rules.rewrite(item["technique"], item["positive"], item["title"], item["language"],
                                     self.titles[item["language"]], rng), 0))
@@ -109,8 +115,12 @@ class QwenBackend:
 
 
 def _fingerprint(config, num_items: int) -> str:
-  fields = config.generator.to_dict() | {"data_root": config.data.root, "corpus": config.data.corpus,
-                                          "num_items": num_items}
+  """What decides the records: the generator's settings, the prompts, the rows rewritten and the corpus."""
+  fields = config.generator.to_dict() | {
+      "prompt_version": prompts.PROMPT_VERSION, "num_items": num_items,
+      "rows": [[language, data.spec_identity(spec)] for language, spec in _source_specs(config)],
+      "corpus": [data.spec_identity(data.expand_spec(config.data.corpus, config.data.root, language))
+                 for language, _ in _source_specs(config)] if config.generator.backend == "rules" else []}
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -125,8 +135,7 @@ def run(config, output: str) -> dict:
               "num_shards": num_shards, "prompt_version": prompts.PROMPT_VERSION, "shards": {},
               "generator": config.generator.to_dict(), "complete": False}
   if os.path.exists(manifest_path):
-    with open(manifest_path, encoding="utf-8") as file:
-      previous = json.load(file)
+    previous = io.read_json(manifest_path)
     if previous["fingerprint"] != fingerprint:
       raise ValueError(f"{output} holds negatives of another generator config or data "
                        f"(fingerprint {previous['fingerprint']} != {fingerprint}); pass a new --output")
@@ -158,14 +167,9 @@ def run(config, output: str) -> dict:
                       "reject_reason": reason, "new_tokens": tokens})
       counts[reason or "accepted"] = counts.get(reason or "accepted", 0) + 1
       new_tokens += tokens
-    path = os.path.join(output, name)
-    with open(path + ".partial", "w", encoding="utf-8") as file:
-      file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-      file.flush()
-      os.fsync(file.fileno())
-    os.replace(path + ".partial", path)
+    io.write_jsonl(os.path.join(output, name), records)
     manifest["shards"][name] = {"records": len(records), "counts": counts}
-    checkpoints.write_json_atomic(manifest_path, manifest)
+    io.write_json(manifest_path, manifest)
     progress.update(len(shard_items))
     if new_tokens:
       progress.set_postfix(tokens_per_s=f"{new_tokens / max(1e-9, time.time() - started):.0f}")
@@ -175,7 +179,7 @@ def run(config, output: str) -> dict:
     for reason, count in shard["counts"].items():
       totals[reason] = totals.get(reason, 0) + count
   manifest.update(complete=True, counts=totals)
-  checkpoints.write_json_atomic(manifest_path, manifest)
+  io.write_json(manifest_path, manifest)
   logging.info("Negatives in %s: %s", output, totals)
   return manifest
 

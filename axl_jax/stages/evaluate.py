@@ -1,0 +1,133 @@
+"""The ``evaluate`` stage: BM25, the stages of ``evaluate.also_checkpoints`` and the final model, per language.
+
+Dense retrieval is FAISS over each checkpoint's embedding shards (encoded once per checkpoint, kept under
+``<workdir>/embeddings/``). Writes TREC run files (``runs/<system>.<lang>.<split>.trec``), ``results.json``
+(``{system: {language: metrics}}``, equal to trec_eval on those files) and ``results.md``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from axl_jax import bm25, checkpoints, data, embeddings, io, metrics, search
+from axl_jax.stages import StageResult, training
+
+EXPENSIVE = False
+
+
+def final_checkpoint(config, field_value: str, available) -> tuple[str | None, str | None]:
+  """``(stage, path)`` of what a stage evaluates or exports: ``field_value`` (a path) or the last training stage."""
+  if field_value:
+    return None, field_value
+  return training.previous_stage(config, None, available), None
+
+
+def _also(config) -> list[str]:
+  return [s.strip() for s in config.evaluate.also_checkpoints.split(",") if s.strip()]
+
+
+def inputs(config, name, available):
+  stage, _ = final_checkpoint(config, config.evaluate.checkpoint, available)
+  return list(dict.fromkeys(_also(config) + ([stage] if stage else [])))
+
+
+def _data_specs(config, language: str, split: str) -> dict:
+  specs = {"corpus": data.expand_spec(config.data.corpus, config.data.root, language),
+           "queries": data.expand_spec(config.data.queries, config.data.root, language, split)}
+  if config.data.qrels:
+    specs["qrels"] = data.expand_spec(config.data.qrels, config.data.root, language, split)
+  return specs
+
+
+def fingerprint_fields(config, name):
+  evaluate = config.evaluate
+  fields = {f"evaluate.{k}": evaluate[k] for k in ("split", "depth", "index", "ivf_lists", "hnsw_neighbors", "bm25",
+                                                   "also_checkpoints")}
+  if evaluate.checkpoint:
+    fields["evaluate.checkpoint"] = {"path": evaluate.checkpoint, "digest": checkpoints.digest(evaluate.checkpoint)}
+  fields["data"] = {language: {kind: data.spec_identity(spec) for kind, spec in
+                               _data_specs(config, language, evaluate.split).items()}
+                    for language in data.parse_languages(config.data.languages)}
+  return fields
+
+
+def check_config(config, name):
+  if config.evaluate.index not in ("flat", "ivf", "hnsw"):
+    raise ValueError("config: evaluate.index must be flat, ivf or hnsw")
+  return [spec for language in data.parse_languages(config.data.languages)
+          for spec in _data_specs(config, language, config.evaluate.split).values()]
+
+
+def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
+                      with_bm25: bool) -> dict[str, dict[str, dict]]:
+  """``{system: {language: metrics}}`` of dense retrieval (FAISS over embedding shards) and BM25.
+
+  ``systems`` maps a name to a checkpoint. Writes TREC run files under ``out_dir/runs``.
+  """
+  config = ctx.config
+  results: dict[str, dict[str, dict]] = {}
+  encoders = {name: embeddings.Encoder(checkpoint, config, ctx.tokenizer) for name, checkpoint in systems.items()}
+  for language in ctx.languages:
+    specs = _data_specs(config, language, split)
+    queries = data.read_queries(specs["queries"])
+    if "qrels" in specs:
+      qrels, source = data.read_qrels(specs["qrels"]), specs["qrels"]
+    else:
+      qrels, source = data.qrels_from_queries(queries), specs["queries"]
+    corpus = data.read_corpus(specs["corpus"])
+    data.check_qrels(qrels, {p.docid for p in corpus}, source, qrels_file="qrels" in specs)
+    query_ids = [q.query_id for q in queries]
+    runs = {}
+    if with_bm25:
+      runs["BM25"] = bm25.bm25_run([p.docid for p in corpus], [data.passage_text(p, " ") for p in corpus],
+                                   query_ids, [q.query for q in queries], config.evaluate.depth)
+    del corpus
+    for name, encoder in encoders.items():
+      directory = embeddings.language_embeddings(ctx.workdir.root, encoder, language, [split])
+      shard_ids, vectors = zip(*embeddings.load_shards(directory, f"queries-{split}"))
+      vectors = dict(zip([i for ids in shard_ids for i in ids], np.concatenate(vectors)))
+      scores, docids = search.search_shards(
+          np.stack([vectors[q] for q in query_ids]), embeddings.load_shards(directory, "corpus"),
+          config.evaluate.depth, config.evaluate.index, ivf_lists=config.evaluate.ivf_lists,
+          hnsw_neighbors=config.evaluate.hnsw_neighbors)
+      runs[name] = search.to_run(query_ids, scores, docids)
+    for name, run in runs.items():
+      metrics.write_trec_run(run_file(out_dir, name, language, split), run, name)
+      results.setdefault(name, {})[language] = metrics.evaluate_run(qrels, run)
+  return results
+
+
+def run_file(out_dir: str, system: str, language: str, split: str) -> str:
+  return os.path.join(out_dir, "runs", f"{system}.{language}.{split}.trec")
+
+
+def results_path(workdir) -> str:
+  return os.path.join(workdir.stage_dir("evaluate"), "results.json")
+
+
+def read_results(workdir) -> dict | None:
+  """``{system: {language: metrics}}`` of the evaluate stage, or None when it has not run."""
+  path = results_path(workdir)
+  return io.read_json(path) if os.path.exists(path) else None
+
+
+def tables(results: dict, languages: list[str]) -> str:
+  return "\n\n".join(metrics.format_table(results, languages, m) for m in metrics.MEASURES)
+
+
+def run(ctx) -> StageResult:
+  config = ctx.config
+  split = config.evaluate.split
+  systems = {name: ctx.workdir.checkpoints(name) for name in ctx.inputs}
+  if config.evaluate.checkpoint:
+    systems["model"] = config.evaluate.checkpoint
+  results = retrieval_results(ctx, systems, split, ctx.stage_dir, config.evaluate.bm25)
+  io.write_json(results_path(ctx.workdir), results)
+  text = tables(results, ctx.languages)
+  io.write_text(os.path.join(ctx.stage_dir, "results.md"), text + "\n")
+  print(f"\nRetrieval on {split} ({config.evaluate.index} index, depth {config.evaluate.depth}):\n\n{text}\n",
+        flush=True)
+  summary = {f"{name}/{m}": float(np.mean([r[l][m] for l in ctx.languages]))
+             for name, r in results.items() for m in metrics.MEASURES}
+  return StageResult(summary)

@@ -1,0 +1,219 @@
+"""The AXL rounds (stages ``round_1`` .. ``round_N``): generate -> filter -> train -> evaluate on dev.
+
+Each round starts from the previous training stage's final parameters (``round_1`` from
+``adversarial.train.init_checkpoint`` when set) and
+1. generates candidates for ``finetune``'s training rows in the negatives subprocess (torch-free; a
+   killed round reuses its finished shards; the seed changes per round so later rounds see new candidates);
+2. scores every candidate that passed the generator's checks with the current retriever,
+   s(q, pos), s(q, neg) and the best BM25 negative's score, and keeps the hardest fraction per language
+   behind the false-negative guard (``adversarial.filter_decisions``); every decision goes to
+   ``decisions.jsonl`` so a user can audit what was trained on;
+3. trains on groups of the positive, kept adversarial negatives and BM25 negatives;
+4. evaluates on dev and keeps the round's statistics in its manifest and TensorBoard files.
+
+Only the generated negatives are scored: the corpus is never re-indexed. Queries, passages and
+candidates are keyed by ``(language, id)``. The dev evaluation is reported, not trained on, so its
+data is not part of the round's fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from absl import logging
+
+from axl_jax import adversarial, data, embeddings, io, trainer
+from axl_jax.negatives import prompts
+from axl_jax.negatives.records import read_records
+from axl_jax.stages import StageResult, evaluate, training
+
+EXPENSIVE = True
+# Generator fields that change which records are written (shard_size only splits them into files).
+_GENERATOR_FIELDS = ("backend", "checkpoint", "dtype", "batch_size", "max_new_tokens", "temperature", "top_p",
+                     "seed", "techniques", "max_queries_per_language")
+
+
+def number(name: str) -> int:
+  return int(name.split("_")[1])
+
+
+def _init_checkpoint(config, name: str) -> str:
+  # Only the first round may start elsewhere; later rounds continue from the round before.
+  return config.adversarial.train.init_checkpoint if number(name) == 1 else ""
+
+
+def inputs(config, name, available):
+  return training.inputs(config, name, available, _init_checkpoint(config, name))
+
+
+def fingerprint_fields(config, name):
+  adversarial_config = {k: v for k, v in config.adversarial.to_dict().items()
+                        if k not in ("rounds", "train", "score_batch_size")}
+  return {"round": number(name),
+          "adversarial": adversarial_config,
+          **training.stage_fields("adversarial.train", config.adversarial.train, _init_checkpoint(config, name)),
+          "generator": {k: config.generator[k] for k in _GENERATOR_FIELDS},
+          "generator.prompt_version": prompts.PROMPT_VERSION,
+          **training.rows_fields(config, "finetune", config.finetune),
+          "corpus": [[language, data.spec_identity(data.expand_spec(config.data.corpus, config.data.root, language))]
+                     for language, _ in data.training_specs(config, config.finetune)]}
+
+
+def check_config(config, name):
+  training.check_stage(config, "adversarial.train", config.adversarial.train)
+  if config.adversarial.selection not in adversarial.SELECTIONS:
+    raise ValueError(f"config: adversarial.selection must be one of {','.join(adversarial.SELECTIONS)}")
+  if config.generator.backend not in ("qwen", "rules"):
+    raise ValueError("config: generator.backend must be qwen or rules")
+  return training.rows_specs(config, config.finetune)
+
+
+def _generate(ctx) -> list[dict]:
+  config = ctx.config.copy_and_resolve_references()
+  config.generator.seed = ctx.config.generator.seed + number(ctx.name)
+  # The round trains on finetune's rows, so it generates for exactly those.
+  config.generator.languages = ctx.config.finetune.languages
+  config.generator.train_data = ""
+  config_path = os.path.join(ctx.stage_dir, "generator_config.json")
+  io.write_json(config_path, json.loads(config.to_json_best_effort()))
+  output = os.path.join(ctx.stage_dir, "negatives")
+  command = [sys.executable, "-m", "axl_jax.negatives.generate", f"--config_json={config_path}", f"--output={output}"]
+  logging.info("%s: generating negatives: %s", ctx.name, " ".join(command))
+  subprocess.run(command, check=True)
+  return read_records(output)
+
+
+def _score(encoder: embeddings.Encoder, records: list[dict], examples: dict[tuple[str, str], data.TrainExample],
+           title_separator: str, batch_size: int):
+  """s(q, pos), s(q, neg) and the best BM25 negative's score for every record."""
+  encode = lambda texts, tower: encoder.encode(texts, tower, batch_size)
+  query_keys = sorted({(r["language"], r["query_id"]) for r in records})
+  query_vectors = dict(zip(query_keys, encode([examples[k].query for k in query_keys], "query")))
+  passages = {}
+  for key in query_keys:
+    for passage in examples[key].positives + examples[key].negatives:
+      passages.setdefault((key[0], passage.docid), data.passage_text(passage, title_separator))
+  passage_keys = sorted(passages)
+  passage_vectors = dict(zip(passage_keys, encode([passages[k] for k in passage_keys], "passage")))
+  negative_texts = [data.passage_text(data.Passage("", _title(examples, r), r["text"]), title_separator)
+                    for r in records]
+  negative_vectors = encode(negative_texts, "passage") if records else np.zeros((0, 1))
+  positive, negative, bm25_best = [], [], []
+  for record, vector in zip(records, negative_vectors):
+    key = (record["language"], record["query_id"])
+    query = query_vectors[key]
+    positive.append(float(query @ passage_vectors[(key[0], record["source_docid"])]))
+    negative.append(float(query @ vector))
+    bm25 = [float(query @ passage_vectors[(key[0], p.docid)]) for p in examples[key].negatives]
+    bm25_best.append(max(bm25) if bm25 else None)
+  return np.asarray(positive), np.asarray(negative), bm25_best
+
+
+def _title(examples, record) -> str:
+  """The title of the positive a candidate was rewritten from (the candidate keeps it)."""
+  example = examples[(record["language"], record["query_id"])]
+  return next((p.title for p in example.positives if p.docid == record["source_docid"]), "")
+
+
+def _statistics(records_all: list[dict], records: list[dict], decisions: list[dict]) -> dict:
+  stats: dict = {"candidates": len(records_all), "accepted_by_checks": len(records),
+                 "kept": sum(d["kept"] for d in decisions)}
+  for key in ("technique", "language"):
+    for value in sorted({r[key] for r in records_all}):
+      subset = [i for i, r in enumerate(records) if r[key] == value]
+      stats[f"{key}/{value}/candidates"] = sum(r[key] == value for r in records_all)
+      stats[f"{key}/{value}/accepted"] = len(subset)
+      stats[f"{key}/{value}/kept"] = sum(decisions[i]["kept"] for i in subset)
+  reasons = {}
+  for record in records_all:
+    reason = record["reject_reason"] or "accepted"
+    reasons[reason] = reasons.get(reason, 0) + 1
+  stats.update({f"checks/{reason}": count for reason, count in sorted(reasons.items())})
+  for reason in ("kept", "guard", "below_threshold", "not_sampled"):
+    stats[f"filter/{reason}"] = sum(d["reason"] == reason for d in decisions)
+  stats["acceptance_rate"] = len(records) / max(1, len(records_all))
+  stats["retention_rate"] = stats["kept"] / max(1, len(records))
+  for name, margins in (("margin_before", [d["margin"] for d in decisions]),
+                        ("margin_after", [d["margin"] for d in decisions if d["kept"]])):
+    stats.update({f"{name}/{k}": v for k, v in adversarial.margin_summary(margins).items()})
+  return stats
+
+
+def _decisions(ctx, encoder, records, examples) -> list[dict]:
+  """Scores and filter decisions of ``records``; reused from an interrupted run only if made the same way."""
+  config = ctx.config
+  filter_fields = {k: config.adversarial[k] for k in ("keep_fraction", "selection", "guard", "guard_margin")}
+  key = hashlib.sha256(json.dumps([filter_fields, config.seed + number(ctx.name), encoder.key(),
+                                   [[r["language"], r["query_id"], r["technique"], r["text"]] for r in records]],
+                                  sort_keys=True).encode()).hexdigest()[:16]
+  path, key_path = decisions_path(ctx.workdir, ctx.name), os.path.join(ctx.stage_dir, "decisions.key.json")
+  if os.path.exists(path) and os.path.exists(key_path) and io.read_json(key_path).get("key") == key:
+    return io.read_jsonl(path)  # A resumed round does not score again.
+  positive, negative, bm25_best = _score(encoder, records, examples, config.data.title_separator,
+                                         config.adversarial.score_batch_size)
+  decisions = adversarial.filter_decisions(
+      positive, negative, [r["language"] for r in records], keep_fraction=config.adversarial.keep_fraction,
+      selection=config.adversarial.selection, guard=config.adversarial.guard,
+      guard_margin=config.adversarial.guard_margin, seed=config.seed + number(ctx.name))
+  for decision, record, pos, neg, bm25 in zip(decisions, records, positive, negative, bm25_best):
+    decision.update(query_id=record["query_id"], technique=record["technique"], language=record["language"],
+                    source_docid=record["source_docid"], score_positive=float(pos), score_negative=float(neg),
+                    score_best_bm25=bm25, text=record["text"])
+  io.write_jsonl(path, decisions)
+  io.write_json(key_path, {"key": key, "filter": filter_fields, "scored_with": encoder.checkpoint,
+                           "checkpoint_digest": encoder.digest})
+  return decisions
+
+
+def decisions_path(workdir, name: str) -> str:
+  return os.path.join(workdir.stage_dir(name), "decisions.jsonl")
+
+
+def read_decisions(workdir, name: str) -> list[dict]:
+  """Every candidate's scores and filter decision in round ``name``."""
+  return io.read_jsonl(decisions_path(workdir, name))
+
+
+def read_statistics(workdir, name: str) -> dict:
+  return io.read_json(os.path.join(workdir.stage_dir(name), "round_stats.json"))
+
+
+def run(ctx) -> StageResult:
+  config = ctx.config
+  os.makedirs(ctx.stage_dir, exist_ok=True)
+  start = _init_checkpoint(config, ctx.name) or ctx.workdir.checkpoints(ctx.inputs[0])
+  train_examples = data.read_training_rows(config, config.finetune)
+  examples = {e.key: e for e in train_examples}
+
+  records_all = _generate(ctx)
+  records = [r for r in records_all if r["accepted"]]
+  decisions = _decisions(ctx, embeddings.Encoder(start, config, ctx.tokenizer), records, examples)
+
+  kept: dict[tuple[str, str], list[data.Passage]] = {}
+  for index, (decision, record) in enumerate(zip(decisions, records)):
+    if decision["kept"]:
+      key = (record["language"], record["query_id"])
+      kept.setdefault(key, []).append(data.Passage(f"{ctx.name}-adv-{index}", _title(examples, record),
+                                                   record["text"]))
+  stage_config = config.adversarial.train
+  batches = training.supervised_batches(ctx, stage_config, train_examples, config.seed + number(ctx.name),
+                                        adversarial={k: tuple(p) for k, p in kept.items()},
+                                        adversarial_per_group=config.adversarial.adversarial_per_group)
+  result = training.train(ctx, stage_config, batches, _init_checkpoint(config, ctx.name))
+
+  dev = evaluate.retrieval_results(ctx, {ctx.name: result.checkpoint}, "dev", ctx.stage_dir, with_bm25=False)[ctx.name]
+  stats = _statistics(records_all, records, decisions)
+  for measure in ("MRR@100", "Recall@100"):
+    stats.update({f"dev/{language}/{measure}": dev[language][measure] for language in dev})
+    stats[f"dev/avg/{measure}"] = float(np.mean([dev[language][measure] for language in dev]))
+  writer = trainer.create_writer(config, os.path.join(ctx.stage_dir, "round_stats"))
+  writer.write_scalars(number(ctx.name), {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+  writer.flush()
+  io.write_json(os.path.join(ctx.stage_dir, "round_stats.json"), stats)
+  logging.info("%s: %d candidates, %d passed the checks, %d kept; dev MRR@100 %.3f", ctx.name, stats["candidates"],
+               stats["accepted_by_checks"], stats["kept"], stats["dev/avg/MRR@100"])
+  return StageResult({**result.metrics, **stats}, result.checkpoint)

@@ -1,0 +1,232 @@
+"""The pipeline's bookkeeping: ids keyed by language, stage fingerprints and staleness, barriers, content keys."""
+import ast
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from axl_jax import batching, io
+from axl_jax.data import Passage, TrainExample
+from tests.helpers import REPO
+from tests.test_batching import CharTokenizer
+
+
+def _colliding_examples():
+  """Mr.TyDi style: query "1" and passage "25267#12" exist in both languages with different texts."""
+  return [TrainExample("1", f"{language} query", (Passage("25267#12", "", f"{language} positive"),),
+                       (Passage("25267#13", "", f"{language} negative"),), language)
+          for language in ("ar", "en")]
+
+
+def _tokens(text, max_length=40):
+  return CharTokenizer()([text], True, max_length, True)["input_ids"][0]
+
+
+def test_passages_are_keyed_by_language_and_id():
+  examples = _colliding_examples()
+  shape = batching.BatchShape(2, 2, (16,), (40,))
+  batches = batching.SupervisedBatches(examples, CharTokenizer(), shape, 0, 16, 40, " ")
+  assert len(batches.passage_tokens) == 4  # two languages x two passages, none merged
+  for step in range(3):
+    batch = batches.batch(step)
+    for row in range(2):
+      query = batch["query_ids"][row][:batch["query_lengths"][row]].tolist()
+      language = "ar" if query == _tokens("ar query", 16) else "en"
+      assert query == _tokens(f"{language} query", 16)
+      positive = batch["passage_ids"][2 * row][:batch["passage_lengths"][2 * row]].tolist()
+      negative = batch["passage_ids"][2 * row + 1][:batch["passage_lengths"][2 * row + 1]].tolist()
+      assert positive == _tokens(f"{language} positive") and negative == _tokens(f"{language} negative")
+
+
+def test_adversarial_negatives_attach_to_their_own_languages_query():
+  shape = batching.BatchShape(2, 2, (16,), (40,))
+  adversarial = {("ar", "1"): (Passage("round_1-adv-0", "", "ar adversarial"),)}
+  batches = batching.SupervisedBatches(_colliding_examples(), CharTokenizer(), shape, 0, 16, 40, " ",
+                                       adversarial=adversarial, adversarial_per_group=1)
+  batch = batches.batch(0)
+  for row in range(2):
+    query = batch["query_ids"][row][:batch["query_lengths"][row]].tolist()
+    negative = batch["passage_ids"][2 * row + 1][:batch["passage_lengths"][2 * row + 1]].tolist()
+    if query == _tokens("ar query", 16):
+      assert negative == _tokens("ar adversarial")
+    else:
+      assert negative == _tokens("en negative")
+
+
+def test_no_import_circle_in_the_package():
+  edges = {}
+  root = os.path.join(REPO, "axl_jax")
+  for directory, _, files in os.walk(root):
+    for name in files:
+      if not name.endswith(".py"):
+        continue
+      path = os.path.join(directory, name)
+      module = os.path.relpath(path[:-3], REPO).replace(os.sep, ".").removesuffix(".__init__")
+      targets = set()
+      for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("axl_jax"):
+          targets |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+          targets |= {alias.name for alias in node.names if alias.name.startswith("axl_jax")}
+      edges[module] = targets
+  edges = {module: {t for t in targets if t in edges and t != module} for module, targets in edges.items()}
+
+  def reaches(start, goal, seen):
+    return any(t == goal or (t not in seen and reaches(t, goal, seen | {t})) for t in edges[start])
+  circles = [module for module in edges if reaches(module, module, {module})]
+  assert not circles
+
+
+# --- Stage fingerprints: the plan decides skip / resume / recompute / stop before anything runs.
+
+NAMES = ["ict", "pretrain", "finetune", "round_1", "evaluate", "visualize", "export"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  from axl_jax import tokenization
+  texts = ["a few words of text", "другой текст", "テキスト"] * 20
+  return tokenization.train_tokenizer(texts, 80, str(tmp_path_factory.mktemp("tok") / "tokenizer"))
+
+
+def _config(**changes):
+  import tests.configs.tiny as tiny
+  config = tiny.get_config()
+  for dotted, value in changes.items():
+    section, field = dotted.rsplit(".", 1)
+    parent = config
+    for part in section.split("."):
+      parent = parent[part]
+    parent[field] = value
+  return config
+
+
+def _finish(workdir, steps, only=None):
+  """Marks planned stages complete as a run would have left them."""
+  for step in steps:
+    if only is None or step.name in only:
+      workdir.complete(step.name, {"stage": step.name, "fingerprint": step.fingerprint, "fields": step.fields,
+                                   "metrics": {}, "finished": "now"})
+
+
+def _actions(steps):
+  return {step.name: step.action for step in steps}
+
+
+def test_plan_skips_up_to_date_stages_and_recomputes_cheap_stale_ones(tmp_path, tokenizer):
+  from axl_jax import pipeline
+  workdir = pipeline.Workdir(str(tmp_path))
+  steps = pipeline.plan(_config(), workdir, NAMES, tokenizer)
+  assert set(_actions(steps).values()) == {"run"}
+  _finish(workdir, steps)
+  assert set(_actions(pipeline.plan(_config(), workdir, NAMES, tokenizer)).values()) == {"skip"}
+  # A cheap stage made with another config is recomputed, and so are the stages that read it.
+  steps = pipeline.plan(_config(**{"evaluate.depth": 50}), workdir, NAMES, tokenizer)
+  assert _actions(steps) == dict.fromkeys(NAMES, "skip") | {"evaluate": "recompute", "visualize": "recompute"}
+  assert "evaluate.depth: 100 -> 50" in next(s.reason for s in steps if s.name == "evaluate")
+
+
+def test_plan_stops_before_throwing_training_away(tmp_path, tokenizer):
+  from axl_jax import pipeline
+  workdir = pipeline.Workdir(str(tmp_path))
+  _finish(workdir, pipeline.plan(_config(), workdir, NAMES, tokenizer))
+  changed = _config(**{"finetune.learning_rate": 3e-4})
+  with pytest.raises(ValueError) as error:
+    pipeline.plan(changed, workdir, NAMES, tokenizer)
+  message = str(error.value)
+  assert "finetune (complete): finetune.learning_rate: 0.0002 -> 0.0003" in message
+  assert "--config.recompute=finetune " in message and "round_1 (complete)" not in message
+  # Accepted: finetune and every stage after it that reads it are recomputed; earlier ones are skipped.
+  changed.recompute = "finetune"
+  actions = _actions(pipeline.plan(changed, workdir, NAMES, tokenizer))
+  assert actions == {"ict": "skip", "pretrain": "skip", "finetune": "recompute", "round_1": "recompute",
+                     "evaluate": "recompute", "visualize": "recompute", "export": "recompute"}
+  # The data a stage reads is part of what it was made from.
+  moved = _config(**{"finetune.train_data": "{root}/train/{lang}.jsonl.gz", "finetune.languages": "bn"})
+  with pytest.raises(ValueError, match=r"finetune.rows"):
+    pipeline.plan(moved, workdir, NAMES, tokenizer)
+
+
+def test_plan_checks_an_interrupted_stage_too(tmp_path, tokenizer):
+  from axl_jax import pipeline
+  workdir = pipeline.Workdir(str(tmp_path))
+  steps = pipeline.plan(_config(), workdir, NAMES, tokenizer)
+  _finish(workdir, steps, only={"ict", "pretrain"})
+  finetune = next(s for s in steps if s.name == "finetune")
+  workdir.start("finetune", finetune.fingerprint, finetune.fields)
+  assert _actions(pipeline.plan(_config(), workdir, NAMES, tokenizer))["finetune"] == "resume"
+  with pytest.raises(ValueError, match=r"finetune \(interrupted\): finetune.num_steps: 6 -> 7"):
+    pipeline.plan(_config(**{"finetune.num_steps": 7}), workdir, NAMES, tokenizer)
+  # Checkpoint-writing cadence does not change what is trained.
+  assert _actions(pipeline.plan(_config(**{"finetune.checkpoint_every": 1}), workdir, NAMES, tokenizer))[
+      "finetune"] == "resume"
+
+
+def test_round_fingerprint_covers_the_filter_and_the_generator(tmp_path, tokenizer):
+  from axl_jax import pipeline
+  workdir = pipeline.Workdir(str(tmp_path))
+  _finish(workdir, pipeline.plan(_config(), workdir, NAMES, tokenizer))
+  for field in ("adversarial.keep_fraction", "adversarial.selection", "adversarial.guard", "generator.seed"):
+    value = {"adversarial.keep_fraction": 0.5, "adversarial.selection": "random", "adversarial.guard": False,
+             "generator.seed": 9}[field]
+    with pytest.raises(ValueError, match=rf"round_1 \(complete\): .*{field}"):
+      pipeline.plan(_config(**{field: value}), workdir, NAMES, tokenizer)
+
+
+def test_complete_is_written_before_every_process_passes_the_barrier(tmp_path, monkeypatch):
+  from jax.experimental import multihost_utils
+
+  from axl_jax import pipeline
+  seen = []
+  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices",
+                      lambda label: seen.append((label, os.path.exists(tmp_path / "ict" / "COMPLETE"))))
+  pipeline.Workdir(str(tmp_path)).complete("ict", {"finished": "now", "metrics": {}})
+  assert seen == [("ict complete", True)]
+
+
+def test_checkpoint_digest_follows_content_not_path(tmp_path):
+  import jax
+
+  from axl_jax import checkpoints
+  from tests.helpers import tiny_model_config
+  from axl_jax import encoder
+  config = tiny_model_config()
+  directory = str(tmp_path / "checkpoints")
+  digests = []
+  for seed in (0, 1):
+    shutil.rmtree(directory, ignore_errors=True)  # a stage retrained in place: same path, other parameters
+    params = encoder.init_params(config, jax.random.key(seed))
+    manager = checkpoints.checkpoint_manager(directory, 1)
+    checkpoints.save(manager, 5, params, {"count": np.zeros(())}, {"step": 5, "model": config.to_dict()})
+    manager.wait_until_finished()
+    digests.append(checkpoints.digest(directory))
+    digests.append(checkpoints.digest(directory))
+  assert digests[0] == digests[1] and digests[2] == digests[3] and digests[0] != digests[2]
+
+
+def test_embedding_shards_are_rewritten_when_their_key_changes(tmp_path):
+  from axl_jax import embeddings
+  calls = []
+
+  def embed(value):
+    def fn(ids, progress):
+      calls.append(value)
+      return np.full((len(ids), 2), value, np.float32)
+    return fn
+  ids = [f"d{i}" for i in range(5)]
+  embeddings.export_shards(str(tmp_path), "corpus", ids, embed(1.0), 2, {"key": "a"})
+  embeddings.export_shards(str(tmp_path), "corpus", ids, embed(2.0), 2, {"key": "a"})
+  assert calls == [1.0] * 3  # same key: nothing encoded again
+  embeddings.export_shards(str(tmp_path), "corpus", ids, embed(3.0), 2, {"key": "b"})
+  vectors = np.concatenate([v for _, v in embeddings.load_shards(str(tmp_path), "corpus")])
+  assert calls == [1.0] * 3 + [3.0] * 3 and (vectors == 3.0).all()
+  assert io.read_json(str(tmp_path / "corpus.manifest.json"))["key"] == "b"
+
+
+def test_tokenizer_fingerprint_ignores_the_last_calls_truncation(tokenizer):
+  from axl_jax import tokenization
+  before = tokenization.fingerprint(tokenizer)
+  tokenization.tokenize(tokenizer, ["a few words"], 7)
+  assert tokenization.fingerprint(tokenizer) == before
