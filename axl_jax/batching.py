@@ -125,15 +125,15 @@ class SupervisedBatches:
     # each distinct passage is tokenized once.
     self.passage_index: dict[tuple[str, str], int] = {}
     texts = []
-    keyed = [((e.language, p.docid), p) for e in examples for p in e.positives + e.negatives]
-    keyed += [((language, p.docid), p) for (language, _), passages in self.adversarial.items() for p in passages]
-    for key, passage in keyed:
+    own = [((e.language, p.docid), p) for e in examples for p in e.positives + e.negatives]
+    generated = [((language, p.docid), p) for (language, _), passages in self.adversarial.items() for p in passages]
+    for key, passage in own + generated:
       if key not in self.passage_index:
         self.passage_index[key] = len(texts)
         texts.append(passage_text(passage, title_separator))
     self.passage_tokens = tokenize(tokenizer, texts, passage_max_length)
     # The pool that fills groups short of hard negatives: the rows' own passages, never adversarial ones.
-    self.pool = list(dict.fromkeys(key for key, _ in keyed[:sum(len(e.positives + e.negatives) for e in examples)]))
+    self.pool = list(dict.fromkeys(key for key, _ in own))
 
   def group(self, epoch: int, index: int) -> list[int]:
     """Passage token indices for one query: positive first, then rotating hard negatives."""

@@ -85,7 +85,8 @@ class Encoder:
   def key(self) -> str:
     """Names this encoder's embeddings: checkpoint content, tokenizer and every setting of the encoding."""
     data_config = self.config.data
-    settings = [self.digest, tokenization.fingerprint(self.tokenizer), data_config.query_max_length,
+    settings = [self.digest, self.model_config.to_dict(), tokenization.fingerprint(self.tokenizer),
+                data_config.query_max_length,
                 data_config.passage_max_length, query_buckets(self.config), passage_buckets(self.config),
                 data_config.title_separator]
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
@@ -105,7 +106,7 @@ def export_shards(directory: str, name: str, ids: list[str], embed_fn, shard_siz
     for stale in os.listdir(directory):  # Another checkpoint's or another setting's shards: never mix them.
       if stale.startswith(name + "."):
         os.remove(os.path.join(directory, stale))
-  manifest_path = os.path.join(directory, f"{name}.manifest.json")
+  manifest_path = shards_manifest_path(directory, name)
   if os.path.exists(manifest_path) and os.path.exists(progress_path):
     return io.read_json(manifest_path)  # Finished earlier with the same key.
   io.write_json(progress_path, {"key": key})
@@ -164,7 +165,7 @@ def _key(*parts) -> str:
 def _ids_if_done(directory: str, name: str, key: str, shard_size: int) -> list[str] | None:
   """The ids of finished shards made with ``key`` (so the source need not be read again), else None."""
   progress_path = os.path.join(directory, f"{name}.progress.json")
-  manifest_path = os.path.join(directory, f"{name}.manifest.json")
+  manifest_path = shards_manifest_path(directory, name)
   if not (os.path.exists(progress_path) and os.path.exists(manifest_path)):
     return None
   manifest = io.read_json(manifest_path)
@@ -180,9 +181,18 @@ def language_embeddings(workdir: str, encoder: Encoder, language: str, splits: l
   return directory
 
 
+def shards_manifest_path(directory: str, name: str) -> str:
+  return os.path.join(directory, f"{name}.manifest.json")
+
+
+def read_shards_manifest(directory: str, name: str) -> dict:
+  """What ``export_shards`` wrote: checkpoint, its digest, key, count and the shards' file names."""
+  return io.read_json(shards_manifest_path(directory, name))
+
+
 def load_shards(directory: str, name: str, with_embeddings: bool = True):
   """Yields ``(ids, embeddings)`` for each shard listed in ``<name>.manifest.json``."""
-  manifest = io.read_json(os.path.join(directory, f"{name}.manifest.json"))
+  manifest = read_shards_manifest(directory, name)
   for shard in manifest["shards"]:
     ids = io.read_lines(os.path.join(directory, shard["ids"]))
     yield ids, np.load(os.path.join(directory, shard["embeddings"])) if with_embeddings else None

@@ -18,7 +18,7 @@ import numpy as np
 def atomic_open(path: str, mode: str = "w") -> Iterator:
   """An open file that replaces ``path`` when the block ends without an error (text modes are UTF-8)."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  partial = f"{path}.partial"
+  partial = f"{path}.partial-{os.getpid()}"  # one per writer: two processes never share a temporary file
   encoding = None if "b" in mode else "utf-8"
   try:
     with open(partial, mode, encoding=encoding) as file:

@@ -22,21 +22,22 @@ def main(argv):
   # Orbax logs every save and restore at INFO; keep its warnings, drop the chatter.
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname)
-  import os
   import jax
   import sys
   from axl_jax import data, pipeline
+  from axl_jax.stages import evaluate
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir)
-  except (pipeline.StaleStagesError, data.DataError) as error:  # The user's to act on: no traceback.
+  except (*pipeline.STALE_ERRORS, data.DataError) as error:  # The user's to act on: no traceback.
     sys.stderr.write(f"\nerror: {error}\n")
     sys.exit(2)
-  results = os.path.join(FLAGS.workdir, "evaluate", "results.md")
-  if os.path.exists(results) and jax.process_index() == 0:
-    with open(results, encoding="utf-8") as file:
-      print(f"\nResults ({results}):\n\n{file.read()}", flush=True)
+  # The tables once more at the very end, where they are not buried under the stages' logs.
+  results = evaluate.read_results(pipeline.Workdir(FLAGS.workdir))
+  if results and jax.process_index() == 0:
+    print(f"\nResults ({evaluate.results_path(pipeline.Workdir(FLAGS.workdir))}):\n\n"
+          f"{evaluate.tables(results, list(next(iter(results.values()))))}\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ every configured stage is planned:
   anything, naming the changed fields.
 
 Stages are found by name as modules of ``axl_jax.stages`` (``round_<k>`` is ``axl_jax.stages.round``):
-adding a stage is adding one module. This module does not know what any stage computes.
+adding a stage is adding one module. Beyond what every stage shares (model, tokenizer, lengths, seed), this
+module does not know what a stage computes.
 """
 from __future__ import annotations
 
@@ -37,7 +38,12 @@ from axl_jax import data, hf_checkpoint, io, stages, tokenization
 
 def stage_module(name: str) -> ModuleType | None:
   """The module of stage ``name`` (``round_3`` -> ``axl_jax.stages.round``), or None for an unknown name."""
-  module_name = re.sub(r"_[1-9][0-9]*$", "", name) if name.startswith("round_") else name
+  if name.startswith("round"):
+    if not re.fullmatch(r"round_[1-9][0-9]*", name):
+      return None
+    module_name = "round"
+  else:
+    module_name = name
   if not re.fullmatch(r"[a-z][a-z_]*", module_name) or module_name not in known_modules():
     return None
   return importlib.import_module(f"axl_jax.stages.{module_name}")
@@ -75,14 +81,16 @@ class Workdir:
     path = os.path.join(directory, "fingerprint.json")
     return io.read_json(path) if os.path.exists(path) else {"fingerprint": None, "fields": {}}
 
-  def start(self, name: str, fingerprint: str, fields: dict):
+  def start(self, name: str, fingerprint: str, fields: dict, inputs: dict):
     if jax.process_index() == 0:
       io.write_json(os.path.join(self.stage_dir(name), "fingerprint.json"),
-                    {"fingerprint": fingerprint, "fields": fields})
+                    {"fingerprint": fingerprint, "fields": fields, "inputs": inputs})
     _barrier(f"{name} starts")
 
   def complete(self, name: str, manifest: dict):
-    """Writes the manifest and ``COMPLETE`` (process 0), then waits for every process to get here."""
+    """Once every process has finished the stage, writes the manifest and ``COMPLETE`` (process 0); no
+    process goes on before they are written."""
+    _barrier(f"{name} finished")
     if jax.process_index() == 0:
       io.write_json(os.path.join(self.stage_dir(name), "manifest.json"), manifest)
       io.write_text(os.path.join(self.stage_dir(name), "COMPLETE"), manifest["finished"] + "\n")
@@ -124,11 +132,14 @@ class StaleStagesError(ValueError):
   """Stages in the workdir were made from another config or data, and recomputing them was not asked for."""
 
 
+STALE_ERRORS = (StaleStagesError, tokenization.StaleTokenizerError)
+
+
 @dataclasses.dataclass
 class Planned:
   name: str
   module: ModuleType
-  inputs: list[str]
+  inputs: dict[str, str]       # input stage -> its fingerprint
   fields: dict
   fingerprint: str
   action: str = "run"          # run | resume | skip | recompute | stale (stops the run)
@@ -155,14 +166,45 @@ def changed_fields(old: dict, new: dict) -> list[str]:
           for key in sorted(set(old_flat) | set(new_flat)) if old_flat.get(key) != new_flat.get(key)]
 
 
+# Model fields that change how the same function is computed, not which function: memory and kernels.
+_MODEL_IMPLEMENTATION = ("remat", "attention_impl")
+
+
 def common_fields(config, tokenizer) -> dict:
   """What every stage's output depends on: the model, the tokenizer, the lengths, the seed."""
   data_config = config.data
-  return {"model": config.model.to_dict(), "tokenizer": tokenization.fingerprint(tokenizer), "seed": config.seed,
+  model = {k: v for k, v in config.model.to_dict().items() if k not in _MODEL_IMPLEMENTATION}
+  return {"model": model, "tokenizer": tokenization.fingerprint(tokenizer), "seed": config.seed,
           "data.query_max_length": data_config.query_max_length,
           "data.passage_max_length": data_config.passage_max_length,
           "data.passage_length_buckets": data_config.passage_length_buckets,
           "data.title_separator": data_config.title_separator}
+
+
+def _planned(config, workdir: Workdir, name: str, available, base: dict, planned: dict[str, Planned]) -> Planned:
+  """The fingerprint stage ``name`` has under ``config``, its inputs planned first (in ``planned``, or as
+  they would be made now when they are complete in the workdir but not configured to run)."""
+  module = stage_module(name)
+  input_fingerprints = {}
+  for needed in module.inputs(config, name, available):
+    if needed in planned:
+      input_fingerprints[needed] = planned[needed].fingerprint
+      continue
+    manifest = workdir.manifest(needed)
+    if manifest is None:
+      raise FileNotFoundError(f"stage {name} reads stage {needed}, which is neither configured to run before it "
+                              f"(--config.stages) nor complete in {workdir.root}")
+    expected = _planned(config, workdir, needed, available, base, {})
+    if manifest.get("fingerprint") != expected.fingerprint:
+      # Not configured to run, so not recomputed: said out loud, never used silently.
+      logging.warning("Stage %s reads %s as it is in %s, made with another config or data than the current one "
+                      "(%s); add %s to --config.stages to bring it up to date", name, needed, workdir.root,
+                      "; ".join(changed_fields(manifest.get("fields", {}), expected.fields)) or "its inputs changed",
+                      needed)
+    input_fingerprints[needed] = manifest.get("fingerprint")
+  fields = dict(base, **module.fingerprint_fields(config, name))
+  fields = json.loads(json.dumps(fields, sort_keys=True, default=str))
+  return Planned(name, module, input_fingerprints, fields, _digest([fields, input_fingerprints]))
 
 
 def plan(config, workdir: Workdir, names: list[str], tokenizer) -> list[Planned]:
@@ -175,19 +217,11 @@ def plan(config, workdir: Workdir, names: list[str], tokenizer) -> list[Planned]
   base = common_fields(config, tokenizer)
   accepted = {s.strip() for s in config.recompute.split(",") if s.strip()}
   problems, stale = [], []
-  for name in names:
-    module = stage_module(name)
-    inputs = module.inputs(config, name, available)
-    for needed in inputs:
-      if needed not in planned and workdir.manifest(needed) is None:
-        raise FileNotFoundError(f"stage {name} reads stage {needed}, which is neither configured to run "
-                                f"(--config.stages) nor complete in {workdir.root}")
-    input_fingerprints = {n: planned[n].fingerprint if n in planned else workdir.manifest(n).get("fingerprint")
-                          for n in inputs}
-    fields = dict(base, **module.fingerprint_fields(config, name))
-    fields = json.loads(json.dumps(fields, sort_keys=True, default=str))
-    step = Planned(name, module, inputs, fields, _digest([fields, input_fingerprints]))
-    planned[name] = step
+  for index, name in enumerate(names):
+    later = [n for n in stage_module(name).inputs(config, name, available) if n in names[index:]]
+    if later:
+      raise ValueError(f"config field stages: {name} reads {', '.join(later)}, listed after it")
+    step = planned[name] = _planned(config, workdir, name, available, base, planned)
     done, started = workdir.manifest(name), workdir.started(name)
     previous = done or started
     if previous is None:
@@ -195,14 +229,15 @@ def plan(config, workdir: Workdir, names: list[str], tokenizer) -> list[Planned]
     if previous.get("fingerprint") == step.fingerprint:
       step.action = "skip" if done else "resume"
       continue
-    changes = changed_fields(previous.get("fields", {}), fields)
-    recomputed_inputs = [n for n in inputs if n in planned and planned[n].action in ("run", "recompute", "stale")]
+    changes = changed_fields(previous.get("fields", {}), step.fields)
+    # An input that is not skipped is (re)made now: what reads it must be made again too.
+    remade_inputs = [n for n in step.inputs if n in planned and planned[n].action != "skip"]
     if previous.get("fingerprint") is None:
       changes = ["(made before stages recorded their fingerprints)"]
-    step.reason = "; ".join(changes + [f"its input stage {n} is recomputed" for n in recomputed_inputs]) or (
+    step.reason = "; ".join(changes + [f"its input stage {n} is recomputed" for n in remade_inputs]) or (
         "an input stage changed: " + ", ".join(f"{n} ({previous.get('inputs', {}).get(n)} -> {f})"
-                                               for n, f in input_fingerprints.items()))
-    if not module.EXPENSIVE or recomputed_inputs or name in accepted or "all" in accepted:
+                                               for n, f in step.inputs.items()))
+    if not step.module.EXPENSIVE or remade_inputs or name in accepted or "all" in accepted:
       step.action = "recompute"
     else:
       step.action = "stale"
@@ -255,6 +290,14 @@ def validate_config(config) -> list[str]:
   return names
 
 
+def _tokenizer_settings(config) -> dict:
+  """What decides a tokenizer trained on the corpus."""
+  return {"vocab_size": config.tokenizer.vocab_size,
+          "train_docs_per_language": config.tokenizer.train_docs_per_language,
+          "corpus": [[language, data.spec_identity(data.expand_spec(config.data.corpus, config.data.root, language))]
+                     for language in data.parse_languages(config.data.languages)]}
+
+
 def _tokenizer_texts(config):
   per_language = config.tokenizer.train_docs_per_language
   for language in data.parse_languages(config.data.languages):
@@ -271,7 +314,8 @@ def run(config, workdir_path: str) -> dict[str, dict]:
   names = validate_config(config)
   os.makedirs(workdir_path, exist_ok=True)
   workdir = Workdir(workdir_path)
-  tokenizer = tokenization.get_tokenizer(config, workdir_path, lambda: _tokenizer_texts(config))
+  tokenizer = tokenization.get_tokenizer(config, workdir_path, lambda: _tokenizer_texts(config),
+                                         _tokenizer_settings(config), retrain="all" in config.recompute.split(","))
   if not config.tokenizer.name_or_path:
     with config.unlocked():
       config.model.vocab_size = len(tokenizer)
@@ -287,12 +331,10 @@ def run(config, workdir_path: str) -> dict[str, dict]:
       workdir.discard(step.name)
     logging.info("Stage %s %s", step.name, "resumes" if step.action == "resume" else "starts")
     started = time.time()
-    workdir.start(step.name, step.fingerprint, step.fields)
-    ctx = Context(config, workdir, tokenizer, step.name, step.inputs, step.fingerprint)
+    workdir.start(step.name, step.fingerprint, step.fields, step.inputs)
+    ctx = Context(config, workdir, tokenizer, step.name, list(step.inputs), step.fingerprint)
     result = step.module.run(ctx)
-    manifest = {"stage": step.name, "fingerprint": step.fingerprint, "fields": step.fields,
-                "inputs": {n: next(s.fingerprint for s in steps if s.name == n) if n in names
-                           else workdir.manifest(n).get("fingerprint") for n in step.inputs},
+    manifest = {"stage": step.name, "fingerprint": step.fingerprint, "fields": step.fields, "inputs": step.inputs,
                 "config": json.loads(config.to_json_best_effort()), "metrics": result.metrics,
                 "checkpoint": result.checkpoint, "seconds": round(time.time() - started, 1),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -15,11 +15,17 @@ from typing import Iterable
 import numpy as np
 from absl import logging
 
+from axl_jax import io
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: str):
-  """Trains a BPE tokenizer on ``texts`` and saves it to ``directory`` atomically."""
+SETTINGS_FILE = "axl_training_settings.json"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: str, settings: dict | None = None):
+  """Trains a BPE tokenizer on ``texts`` and saves it to ``directory`` atomically, with the ``settings``
+  that decided it (so a later run can tell whether it may reuse it)."""
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
 
@@ -39,6 +45,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: str):
   partial = directory + ".partial"
   shutil.rmtree(partial, ignore_errors=True)
   wrapped.save_pretrained(partial)
+  if settings is not None:
+    io.write_json(os.path.join(partial, SETTINGS_FILE), settings)
   os.replace(partial, directory)
   return wrapped
 
@@ -53,20 +61,36 @@ def load_tokenizer(name_or_path: str):
                   "elsewhere (huggingface-cli download NAME --local-dir DIR) and set tokenizer.name_or_path=DIR.") from error
 
 
-def get_tokenizer(config, workdir: str, corpus_texts):
+class StaleTokenizerError(ValueError):
+  """The workdir's trained tokenizer was made with other settings or data, and retraining was not asked for."""
+
+
+def get_tokenizer(config, workdir: str, corpus_texts, settings: dict, retrain: bool = False):
   """The run's tokenizer: the configured one, else the one trained in ``workdir``, else train it now.
 
   ``corpus_texts`` is a zero-argument callable so the corpus is only read when training is needed.
+  ``settings`` (vocabulary size, corpus identity, ...) must match those of a tokenizer trained earlier;
+  otherwise it is retrained when ``retrain``, and the run stops when not (every stage depends on it).
   """
   if config.tokenizer.name_or_path:
     return load_tokenizer(config.tokenizer.name_or_path)
   directory = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(directory, "tokenizer.json")):
-    logging.info("Reusing the tokenizer trained earlier in %s", directory)
-    return load_tokenizer(directory)
+    settings_path = os.path.join(directory, SETTINGS_FILE)
+    previous = io.read_json(settings_path) if os.path.exists(settings_path) else None
+    if previous == settings:
+      logging.info("Reusing the tokenizer trained earlier in %s", directory)
+      return load_tokenizer(directory)
+    changed = sorted(k for k in set(settings) | set(previous or {}) if (previous or {}).get(k) != settings.get(k))
+    if not retrain:
+      raise StaleTokenizerError(
+          f"{directory} was trained with other settings or data ({', '.join(changed)} changed) and every stage "
+          "depends on it: run with --config.recompute=all to retrain it and everything, or use a new --workdir.")
+    logging.warning("Retraining the tokenizer in %s: %s changed", directory, ", ".join(changed))
+    shutil.rmtree(directory)
   logging.info("Training a %d-piece BPE tokenizer into %s", config.tokenizer.vocab_size, directory)
   os.makedirs(workdir, exist_ok=True)
-  return train_tokenizer(corpus_texts(), config.tokenizer.vocab_size, directory)
+  return train_tokenizer(corpus_texts(), config.tokenizer.vocab_size, directory, settings)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[np.ndarray]:

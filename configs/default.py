@@ -109,6 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.generator.top_p = 0.9
   config.generator.seed = 0
   config.generator.techniques = "entity_substitution,numerical_perturbation,logical_negation"
+  # The standalone generator's rows; in a run, the rounds generate for finetune's rows and languages.
   config.generator.languages = LANGUAGES
   config.generator.train_data = ""            # training rows whose positives are rewritten ("" = finetune's)
   config.generator.max_queries_per_language = 0  # 0 = all

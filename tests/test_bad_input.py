@@ -71,7 +71,11 @@ def _launch(*overrides):
     ("--config.finetune.learning_rat=1", "learning_rat"),
     ("--config.stages=ict,finetuen", "unknown stage 'finetuen'"),
     ("--config.stages=ict,round_3", "round_3 but adversarial.rounds is 1"),
+    ("--config.stages=ict,round", "unknown stage 'round'"),
     ("--config.recompute=finetuen", "config field recompute: unknown stage 'finetuen'"),
+    # ICT reads the corpus and the rounds finetune's rows: fields that nothing would read do not exist.
+    ("--config.ict.train_data=x.jsonl", "train_data"),
+    ("--config.adversarial.train.languages=en", "languages"),
     ("--config.data.languages=en,zz", "unknown language code 'zz'"),
     ("--config.data.root=/nonexistent", "does not exist"),
 ])

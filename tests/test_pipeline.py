@@ -154,7 +154,7 @@ def test_plan_checks_an_interrupted_stage_too(tmp_path, tokenizer):
   steps = pipeline.plan(_config(), workdir, NAMES, tokenizer)
   _finish(workdir, steps, only={"ict", "pretrain"})
   finetune = next(s for s in steps if s.name == "finetune")
-  workdir.start("finetune", finetune.fingerprint, finetune.fields)
+  workdir.start("finetune", finetune.fingerprint, finetune.fields, finetune.inputs)
   assert _actions(pipeline.plan(_config(), workdir, NAMES, tokenizer))["finetune"] == "resume"
   with pytest.raises(ValueError, match=r"finetune \(interrupted\): finetune.num_steps: 6 -> 7"):
     pipeline.plan(_config(**{"finetune.num_steps": 7}), workdir, NAMES, tokenizer)
@@ -183,7 +183,8 @@ def test_complete_is_written_before_every_process_passes_the_barrier(tmp_path, m
   monkeypatch.setattr(multihost_utils, "sync_global_devices",
                       lambda label: seen.append((label, os.path.exists(tmp_path / "ict" / "COMPLETE"))))
   pipeline.Workdir(str(tmp_path)).complete("ict", {"finished": "now", "metrics": {}})
-  assert seen == [("ict complete", True)]
+  # Every process finished before COMPLETE is written; none goes on before it is written.
+  assert seen == [("ict finished", False), ("ict complete", True)]
 
 
 def test_checkpoint_digest_follows_content_not_path(tmp_path):
@@ -230,3 +231,59 @@ def test_tokenizer_fingerprint_ignores_the_last_calls_truncation(tokenizer):
   before = tokenization.fingerprint(tokenizer)
   tokenization.tokenize(tokenizer, ["a few words"], 7)
   assert tokenization.fingerprint(tokenizer) == before
+
+
+def test_rounds_init_checkpoint_applies_to_the_first_round_only():
+  from axl_jax.stages import round as rounds
+  config = _config(**{"adversarial.rounds": 3, "adversarial.train.init_checkpoint": "/somewhere/checkpoints"})
+  available = lambda name: True
+  assert rounds.inputs(config, "round_1", available) == []
+  assert rounds.inputs(config, "round_2", available) == ["round_1"]
+  assert rounds.inputs(config, "round_3", available) == ["round_2"]
+
+
+def test_candidates_are_scored_in_batches_of_score_batch_size():
+  from axl_jax.stages import round as rounds
+  sizes = []
+
+  class RecordingEncoder:
+    def encode(self, texts, tower, batch_size=None, progress=None):
+      sizes.append(batch_size)
+      return np.ones((len(texts), 2), np.float32)
+  example = _colliding_examples()[0]
+  records = [{"language": "ar", "query_id": "1", "source_docid": "25267#12", "text": "edited"}]
+  positive, negative, bm25 = rounds._score(RecordingEncoder(), records, {example.key: example}, " ", 7)
+  assert sizes == [7, 7, 7] and positive.tolist() == [2.0] and negative.tolist() == [2.0] and bm25 == [2.0]
+
+
+def test_a_trained_tokenizer_is_not_reused_with_other_settings(tmp_path):
+  from axl_jax import tokenization
+  config = _config()
+  words = [f"{a}{b}{c}" for a in "abcdefgh" for b in "ijklmnop" for c in "qrstuvwx"]
+  texts = lambda: iter([" ".join(words[i:i + 20]) for i in range(0, len(words), 7)])
+  settings = {"vocab_size": 60, "corpus": ["abc"]}
+  config.tokenizer.vocab_size = 60
+  first = tokenization.get_tokenizer(config, str(tmp_path), texts, settings)
+  again = tokenization.get_tokenizer(config, str(tmp_path), lambda: pytest.fail("retrained"), settings)
+  assert tokenization.fingerprint(again) == tokenization.fingerprint(first)
+  config.tokenizer.vocab_size = 90
+  changed = dict(settings, vocab_size=90)
+  with pytest.raises(tokenization.StaleTokenizerError, match="vocab_size changed"):
+    tokenization.get_tokenizer(config, str(tmp_path), texts, changed)
+  retrained = tokenization.get_tokenizer(config, str(tmp_path), texts, changed, retrain=True)
+  assert tokenization.fingerprint(retrained) != tokenization.fingerprint(first)
+  assert tokenization.get_tokenizer(config, str(tmp_path), lambda: pytest.fail("retrained"), changed)
+
+
+def test_an_interrupted_export_links_its_shards_again(tmp_path):
+  from axl_jax.stages import export
+  (tmp_path / "source.npy").write_bytes(b"x")
+  for _ in range(2):  # the second call is what a resumed export does
+    export._link(str(tmp_path / "source.npy"), str(tmp_path / "target.npy"))
+  assert os.path.samefile(tmp_path / "source.npy", tmp_path / "target.npy")
+
+
+def test_stages_must_come_after_the_stages_they_read(tmp_path, tokenizer):
+  from axl_jax import pipeline
+  with pytest.raises(ValueError, match="stages: evaluate reads finetune, listed after it"):
+    pipeline.plan(_config(), pipeline.Workdir(str(tmp_path)), ["ict", "evaluate", "finetune"], tokenizer)

@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from axl_jax import data, io
 from axl_jax.negatives import checks, prompts, rules
-from axl_jax.negatives.records import read_records  # noqa: F401
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Directory for the shards and manifest.json.")
@@ -104,7 +103,8 @@ class QwenBackend:
       batch = prompt_ids[start:start + size]
       padded = batch + [batch[0]] * (size - len(batch))  # A fixed batch shape compiles once.
       # The seed depends on the work itself, so a restarted run samples exactly the same tokens.
-      seed = zlib.crc32(json.dumps([self.generator.seed, items[start]["query_id"], items[start]["technique"]]).encode())
+      seed = zlib.crc32(json.dumps([self.generator.seed, items[start]["language"], items[start]["query_id"],
+                                    items[start]["technique"]]).encode())
       outputs = decode.generate_ids(self.params, self.model_config, padded, max_new_tokens=self.generator.max_new_tokens,
                                     eos_ids=self.eos_ids, pad_id=self.pad_id, temperature=self.generator.temperature,
                                     top_p=self.generator.top_p, seed=seed)[:len(batch)]

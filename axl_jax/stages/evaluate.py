@@ -16,11 +16,15 @@ from axl_jax.stages import StageResult, training
 EXPENSIVE = False
 
 
-def final_checkpoint(config, field_value: str, available) -> tuple[str | None, str | None]:
-  """``(stage, path)`` of what a stage evaluates or exports: ``field_value`` (a path) or the last training stage."""
+def final_checkpoint(config, field_value: str, available, field: str) -> list[str]:
+  """The training stage whose checkpoint is evaluated or exported (none when ``field_value`` names a path)."""
   if field_value:
-    return None, field_value
-  return training.previous_stage(config, None, available), None
+    return []
+  stage = training.previous_stage(config, None, available)
+  if stage is None:
+    raise FileNotFoundError(f"{field}: no training stage is configured or complete; "
+                            f"set --config.{field}.checkpoint=PATH to a stage's checkpoints directory")
+  return [stage]
 
 
 def _also(config) -> list[str]:
@@ -28,8 +32,8 @@ def _also(config) -> list[str]:
 
 
 def inputs(config, name, available):
-  stage, _ = final_checkpoint(config, config.evaluate.checkpoint, available)
-  return list(dict.fromkeys(_also(config) + ([stage] if stage else [])))
+  return list(dict.fromkeys(_also(config) + final_checkpoint(config, config.evaluate.checkpoint, available,
+                                                             "evaluate")))
 
 
 def _data_specs(config, language: str, split: str) -> dict:
@@ -45,7 +49,7 @@ def fingerprint_fields(config, name):
   fields = {f"evaluate.{k}": evaluate[k] for k in ("split", "depth", "index", "ivf_lists", "hnsw_neighbors", "bm25",
                                                    "also_checkpoints")}
   if evaluate.checkpoint:
-    fields["evaluate.checkpoint"] = {"path": evaluate.checkpoint, "digest": checkpoints.digest(evaluate.checkpoint)}
+    fields["evaluate.checkpoint"] = checkpoints.digest(evaluate.checkpoint)
   fields["data"] = {language: {kind: data.spec_identity(spec) for kind, spec in
                                _data_specs(config, language, evaluate.split).items()}
                     for language in data.parse_languages(config.data.languages)}

@@ -21,15 +21,15 @@ def _splits(config) -> list[str]:
 
 
 def inputs(config, name, available):
-  stage, _ = evaluate.final_checkpoint(config, config.export.checkpoint, available)
-  return [stage] if stage else []
+  return evaluate.final_checkpoint(config, config.export.checkpoint, available, "export")
 
 
 def fingerprint_fields(config, name):
-  fields = {"export.splits": config.export.splits, "evaluate.shard_size": config.evaluate.shard_size}
+  fields = {}
   if config.export.checkpoint:
-    fields["export.checkpoint"] = {"path": config.export.checkpoint, "digest": checkpoints.digest(config.export.checkpoint)}
+    fields["export.checkpoint"] = checkpoints.digest(config.export.checkpoint)
   if name == "export":
+    fields.update({"export.splits": config.export.splits, "evaluate.shard_size": config.evaluate.shard_size})
     fields["data"] = {language: [data.spec_identity(data.expand_spec(config.data.corpus, config.data.root, language))]
                       + [data.spec_identity(data.expand_spec(config.data.queries, config.data.root, language, split))
                          for split in _splits(config)]
@@ -48,9 +48,13 @@ def checkpoint(ctx) -> str:
 
 
 def _link(source: str, target: str):
+  if os.path.exists(target):
+    if os.path.samefile(source, target):
+      return  # Linked by an interrupted run of this stage.
+    os.remove(target)
   try:
     os.link(source, target)
-  except OSError:
+  except OSError:  # Another file system, or one without hard links.
     shutil.copyfile(source, target)
 
 
@@ -62,10 +66,10 @@ def run(ctx) -> StageResult:
     target = os.path.join(ctx.stage_dir, language)
     os.makedirs(target, exist_ok=True)
     for name in ["corpus"] + [f"queries-{split}" for split in _splits(ctx.config)]:
-      manifest = io.read_json(os.path.join(source, f"{name}.manifest.json"))
+      manifest = embeddings.read_shards_manifest(source, name)
       for shard in manifest["shards"]:
         for file_name in (shard["embeddings"], shard["ids"]):
           _link(os.path.join(source, file_name), os.path.join(target, file_name))
-      io.write_json(os.path.join(target, f"{name}.manifest.json"), dict(manifest, checkpoint=encoder.checkpoint))
+      io.write_json(embeddings.shards_manifest_path(target, name), dict(manifest, checkpoint=encoder.checkpoint))
       counts[f"{language}/{name}"] = manifest["count"]
   return StageResult(counts)

@@ -32,9 +32,9 @@ from axl_jax.negatives.records import read_records
 from axl_jax.stages import StageResult, evaluate, training
 
 EXPENSIVE = True
-# Generator fields that change which records are written (shard_size only splits them into files).
+# Generator fields that decide its output (shard_size too: a round resumes the generator's shards).
 _GENERATOR_FIELDS = ("backend", "checkpoint", "dtype", "batch_size", "max_new_tokens", "temperature", "top_p",
-                     "seed", "techniques", "max_queries_per_language")
+                     "seed", "techniques", "max_queries_per_language", "shard_size")
 
 
 def number(name: str) -> int:
@@ -47,7 +47,11 @@ def _init_checkpoint(config, name: str) -> str:
 
 
 def inputs(config, name, available):
-  return training.inputs(config, name, available, _init_checkpoint(config, name))
+  found = training.inputs(config, name, available, _init_checkpoint(config, name))
+  if not found and not _init_checkpoint(config, name):
+    raise FileNotFoundError(f"{name}: no training stage before it is configured or complete; the rounds start "
+                            "from one (or round_1 from --config.adversarial.train.init_checkpoint=PATH)")
+  return found
 
 
 def fingerprint_fields(config, name):
@@ -59,8 +63,10 @@ def fingerprint_fields(config, name):
           "generator": {k: config.generator[k] for k in _GENERATOR_FIELDS},
           "generator.prompt_version": prompts.PROMPT_VERSION,
           **training.rows_fields(config, "finetune", config.finetune),
+          # The rules backend draws replacement titles from the corpus.
           "corpus": [[language, data.spec_identity(data.expand_spec(config.data.corpus, config.data.root, language))]
-                     for language, _ in data.training_specs(config, config.finetune)]}
+                     for language, _ in data.training_specs(config, config.finetune)]
+          if config.generator.backend == "rules" else []}
 
 
 def check_config(config, name):
@@ -69,7 +75,14 @@ def check_config(config, name):
     raise ValueError(f"config: adversarial.selection must be one of {','.join(adversarial.SELECTIONS)}")
   if config.generator.backend not in ("qwen", "rules"):
     raise ValueError("config: generator.backend must be qwen or rules")
-  return training.rows_specs(config, config.finetune)
+  if not data.parse_languages(config.finetune.languages, "finetune.languages"):
+    raise ValueError("config: the rounds generate for finetune's rows per language: set finetune.languages")
+  dev = []
+  for language in data.parse_languages(config.data.languages):  # the round's dev evaluation
+    dev.append(data.expand_spec(config.data.queries, config.data.root, language, "dev"))
+    if config.data.qrels:
+      dev.append(data.expand_spec(config.data.qrels, config.data.root, language, "dev"))
+  return training.rows_specs(config, config.finetune) + dev
 
 
 def _generate(ctx) -> list[dict]:

@@ -40,8 +40,8 @@ def inputs(config, name: str, available, init_checkpoint: str) -> list[str]:
 def stage_fields(prefix: str, stage_config, init_checkpoint: str) -> dict:
   """The stage config's fields that decide the trained parameters, and where it starts from."""
   fields = {f"{prefix}.{k}": v for k, v in stage_config.to_dict().items() if k not in _COSMETIC}
-  if init_checkpoint:
-    fields[f"{prefix}.init_checkpoint"] = {"path": init_checkpoint, "digest": checkpoints.digest(init_checkpoint)}
+  if init_checkpoint:  # By content: the same parameters moved elsewhere are the same start.
+    fields[f"{prefix}.init_checkpoint"] = checkpoints.digest(init_checkpoint)
   return fields
 
 

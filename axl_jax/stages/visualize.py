@@ -29,7 +29,9 @@ def _rounds(config, available) -> list[str]:
 def inputs(config, name, available):
   """The rounds, the model before them, the final model and the evaluation table, where they exist."""
   round_names = _rounds(config, available)
-  before = training.previous_stage(config, round_names[0], available) if round_names else None
+  # The model before the rounds is what round_1 started from: an init_checkpoint (a path, no stage) or a stage.
+  starts_elsewhere = "round_1" in round_names and config.adversarial.train.init_checkpoint
+  before = training.previous_stage(config, round_names[0], available) if round_names and not starts_elsewhere else None
   after = training.previous_stage(config, None, available)
   return list(dict.fromkeys(round_names + [n for n in (before, after) if n]
                             + (["evaluate"] if available("evaluate") else [])))
@@ -98,7 +100,10 @@ def run(ctx) -> StageResult:
   trained = [n for n in ctx.inputs if n != "evaluate" and not n.startswith("round_")] + rounds_done[-1:]
   if not trained:
     raise FileNotFoundError(f"visualize: no completed training stage in {workdir.root}")
-  before = workdir.checkpoints(trained[0]) if rounds_done else None
+  if rounds_done and rounds_done[0] == "round_1" and config.adversarial.train.init_checkpoint:
+    before = config.adversarial.train.init_checkpoint
+  else:
+    before = workdir.checkpoints(trained[0]) if rounds_done and len(trained) > 1 else None
   after = workdir.checkpoints(trained[-1])
   models = {"before the adversarial rounds": before, "after the adversarial rounds": after} if before else {
       "final model": after}
