@@ -34,10 +34,10 @@ def main(argv):
     sys.stderr.write(f"\nerror: {error}\n")
     sys.exit(2)
   # The tables once more at the very end, where they are not buried under the stages' logs.
-  results = evaluate.read_results(pipeline.Workdir(FLAGS.workdir))
-  if results and jax.process_index() == 0:
-    print(f"\nResults ({evaluate.results_path(pipeline.Workdir(FLAGS.workdir))}):\n\n"
-          f"{evaluate.tables(results, list(next(iter(results.values()))))}\n", flush=True)
+  workdir = pipeline.Workdir(FLAGS.workdir)
+  tables = evaluate.read_tables(workdir)
+  if tables and jax.process_index() == 0:
+    print(f"\nResults ({evaluate.results_path(workdir)}):\n\n{tables}", flush=True)
 
 
 if __name__ == "__main__":

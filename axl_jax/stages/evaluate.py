@@ -6,6 +6,7 @@ Dense retrieval is FAISS over each checkpoint's embedding shards (encoded once p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -114,6 +115,14 @@ def read_results(workdir) -> dict | None:
   """``{system: {language: metrics}}`` of the evaluate stage, or None when it has not run."""
   path = results_path(workdir)
   return io.read_json(path) if os.path.exists(path) else None
+
+
+def read_tables(workdir) -> str | None:
+  """The Markdown tables of the evaluate stage (systems in evaluation order), or None when it has not run."""
+  path = os.path.join(workdir.stage_dir("evaluate"), "results.md")
+  with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as file:
+    return file.read()
+  return None
 
 
 def tables(results: dict, languages: list[str]) -> str:
