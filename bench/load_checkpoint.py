@@ -71,8 +71,8 @@ def main(_):
       jax.block_until_ready(jax.device_put(params))
       times.append(time.perf_counter() - start)
       del params
-  print(f"| shape | parameters | checkpoint MB | device | best s | mean s |")
-  print(f"|---|---|---|---|---|---|")
+  print("| shape | parameters | checkpoint MB | device | best s | mean s |")
+  print("|---|---|---|---|---|---|")
   print(f"| xlm-roberta-{FLAGS.shape} | {parameters / 1e6:.0f}M | {size / 2**20:.0f} | "
         f"{jax.devices()[0].device_kind} | {min(times):.2f} | {np.mean(times):.2f} |")
 
