@@ -23,23 +23,29 @@ from axl_jax import train_step as ts
 from axl_jax.encoder import BiEncoder
 
 
+class ScalarWriter(metric_writers.MetricWriter):
+  """A clu writer for scalars only: subclasses define ``write_scalars``; the other kinds are ignored."""
+  def write_summaries(self, step, values, metadata=None): pass
+  def write_images(self, step, images): pass
+  def write_videos(self, step, videos): pass
+  def write_audios(self, step, audios, *, sample_rate): pass
+  def write_texts(self, step, texts): pass
+  def write_histograms(self, step, arrays, num_buckets=None): pass
+  def write_hparams(self, hparams): pass
+  def flush(self): pass
+  def close(self): pass
+
+
 def create_writer(config, logdir: str):
   writer = metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
   if config.logging.wandb and jax.process_index() == 0:
     import wandb  # Optional dependency, only when asked for.
     run = wandb.init(project=config.logging.wandb_project, dir=logdir, config=config.to_dict(), resume="allow")
 
-    class _Wandb(metric_writers.MetricWriter):
+    class _Wandb(ScalarWriter):
       def write_scalars(self, step, scalars):
         run.log(dict(scalars), step=step)
-      def write_summaries(self, step, values, metadata=None): pass
-      def write_images(self, step, images): pass
-      def write_videos(self, step, videos): pass
-      def write_audios(self, step, audios, *, sample_rate): pass
-      def write_texts(self, step, texts): pass
-      def write_histograms(self, step, arrays, num_buckets=None): pass
       def write_hparams(self, hparams): run.config.update(hparams, allow_val_change=True)
-      def flush(self): pass
       def close(self): run.finish()
     writer = metric_writers.MultiWriter([writer, _Wandb()])
   return writer

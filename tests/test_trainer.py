@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from clu import metric_writers
 
 import configs.default
 from axl_jax import checkpoints, encoder, trainer
@@ -40,7 +39,7 @@ class Batches:
     return batch
 
 
-class Recorder(metric_writers.MetricWriter):
+class Recorder(trainer.ScalarWriter):
   """Keeps every scalar the trainer writes, by step."""
 
   def __init__(self):
@@ -48,16 +47,6 @@ class Recorder(metric_writers.MetricWriter):
 
   def write_scalars(self, step, scalars):
     self.scalars.setdefault(int(step), {}).update({k: float(v) for k, v in scalars.items()})
-
-  def write_summaries(self, step, values, metadata=None): pass
-  def write_images(self, step, images): pass
-  def write_videos(self, step, videos): pass
-  def write_audios(self, step, audios, *, sample_rate): pass
-  def write_texts(self, step, texts): pass
-  def write_histograms(self, step, arrays, num_buckets=None): pass
-  def write_hparams(self, hparams): pass
-  def flush(self): pass
-  def close(self): pass
 
 
 @pytest.fixture
