@@ -82,8 +82,10 @@ class Encoder:
     return encode_texts(self.params, self.model_config, self.tokenizer, texts, tower, max_length, buckets,
                         batch_size or self.config.evaluate.encode_batch_size, progress)
 
+  @functools.cached_property
   def key(self) -> str:
-    """Names this encoder's embeddings: checkpoint content, tokenizer and every setting of the encoding."""
+    """Names this encoder's embeddings: checkpoint content, tokenizer and every setting of the encoding
+    (computed once: fingerprinting a 250K-piece tokenizer takes about a second)."""
     data_config = self.config.data
     settings = [self.digest, self.model_config.to_dict(), tokenization.fingerprint(self.tokenizer),
                 data_config.query_max_length,
@@ -106,9 +108,9 @@ def export_shards(directory: str, name: str, ids: list[str], embed_fn, shard_siz
     for stale in os.listdir(directory):  # Another checkpoint's or another setting's shards: never mix them.
       if stale.startswith(name + "."):
         os.remove(os.path.join(directory, stale))
-  manifest_path = shards_manifest_path(directory, name)
-  if os.path.exists(manifest_path) and os.path.exists(progress_path):
-    return io.read_json(manifest_path)  # Finished earlier with the same key.
+  finished = _finished(directory, name, manifest["key"], shard_size)
+  if finished is not None and finished["count"] == len(ids):
+    return finished
   io.write_json(progress_path, {"key": key})
   shards = []
   progress = tqdm(total=len(ids), desc=description or name, unit="text", leave=False)
@@ -124,7 +126,7 @@ def export_shards(directory: str, name: str, ids: list[str], embed_fn, shard_siz
                    "count": len(shard_ids)})
   progress.close()
   manifest = dict(manifest, name=name, count=len(ids), shards=shards)
-  io.write_json(manifest_path, manifest)
+  io.write_json(shards_manifest_path(directory, name), manifest)
   return manifest
 
 
@@ -136,15 +138,15 @@ def export_language(encoder: Encoder, directory: str, language: str, splits: lis
             "model": encoder.model_config.to_dict()}
   manifests = {}
   # The corpus is read only when its shards are missing.
-  corpus_key = _key(encoder.key(), data.spec_identity(corpus_spec))
-  corpus_ids = _ids_if_done(directory, "corpus", corpus_key, shard_size)
-  if corpus_ids is None:
+  corpus_key = _key(encoder.key, data.spec_identity(corpus_spec))
+  finished = _finished(directory, "corpus", corpus_key, shard_size)
+  if finished is None:
     corpus = data.read_corpus(corpus_spec)
     texts = {p.docid: data.passage_text(p, config.data.title_separator) for p in corpus}
     corpus_ids = list(texts)
     embed = lambda ids, progress: encoder.encode([texts[i] for i in ids], "passage", progress=progress)
-  else:
-    embed = None
+  else:  # The ids come from the finished shards, so the corpus need not be read again.
+    corpus_ids, embed = [i for ids, _ in load_shards(directory, "corpus", with_embeddings=False) for i in ids], None
   manifests["corpus"] = export_shards(directory, "corpus", corpus_ids, embed, shard_size,
                                       dict(header, tower="passage", key=corpus_key), f"{language} corpus")
   for split in splits:
@@ -153,7 +155,7 @@ def export_language(encoder: Encoder, directory: str, language: str, splits: lis
     manifests[f"queries-{split}"] = export_shards(
         directory, f"queries-{split}", list(queries),
         lambda ids, progress: encoder.encode([queries[i] for i in ids], "query", progress=progress), shard_size,
-        dict(header, tower="query", split=split, key=_key(encoder.key(), data.spec_identity(queries_spec))),
+        dict(header, tower="query", split=split, key=_key(encoder.key, data.spec_identity(queries_spec))),
         f"{language} {split} queries")
   return manifests
 
@@ -162,8 +164,8 @@ def _key(*parts) -> str:
   return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _ids_if_done(directory: str, name: str, key: str, shard_size: int) -> list[str] | None:
-  """The ids of finished shards made with ``key`` (so the source need not be read again), else None."""
+def _finished(directory: str, name: str, key: str, shard_size: int) -> dict | None:
+  """The manifest of shards finished with ``key`` and ``shard_size``, else None."""
   progress_path = os.path.join(directory, f"{name}.progress.json")
   manifest_path = shards_manifest_path(directory, name)
   if not (os.path.exists(progress_path) and os.path.exists(manifest_path)):
@@ -171,12 +173,12 @@ def _ids_if_done(directory: str, name: str, key: str, shard_size: int) -> list[s
   manifest = io.read_json(manifest_path)
   if manifest.get("key") != key or io.read_json(progress_path).get("key", [None, None])[:2] != [key, shard_size]:
     return None
-  return [i for ids, _ in load_shards(directory, name, with_embeddings=False) for i in ids]
+  return manifest
 
 
 def language_embeddings(workdir: str, encoder: Encoder, language: str, splits: list[str]) -> str:
   """The directory of ``encoder``'s corpus and query shards for ``language``, encoding what is missing."""
-  directory = os.path.join(workdir, "embeddings", encoder.key(), language)
+  directory = os.path.join(workdir, "embeddings", encoder.key, language)
   export_language(encoder, directory, language, splits, encoder.config.evaluate.shard_size)
   return directory
 

@@ -160,7 +160,7 @@ def _decisions(ctx, encoder, records, examples) -> list[dict]:
   """Scores and filter decisions of ``records``; reused from an interrupted run only if made the same way."""
   config = ctx.config
   filter_fields = {k: config.adversarial[k] for k in ("keep_fraction", "selection", "guard", "guard_margin")}
-  key = hashlib.sha256(json.dumps([filter_fields, config.seed + number(ctx.name), encoder.key(),
+  key = hashlib.sha256(json.dumps([filter_fields, config.seed + number(ctx.name), encoder.key,
                                    [[r["language"], r["query_id"], r["technique"], r["text"]] for r in records]],
                                   sort_keys=True).encode()).hexdigest()[:16]
   path, key_path = decisions_path(ctx.workdir, ctx.name), os.path.join(ctx.stage_dir, "decisions.key.json")
