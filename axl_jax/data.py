@@ -1,8 +1,8 @@
 """Readers for the Mr.TyDi / Tevatron schema, from local JSON Lines (plain or gzip) or the HF hub.
 
 A data *spec* is either a glob of local files (``data/train/{lang}*.jsonl.gz``) or
-``hf:NAME:CONFIG:SPLIT`` read through ``datasets`` (``hf:castorini/mr-tydi:arabic:train``,
-``hf:Tevatron/msmarco-passage::train``). ``{root}``, ``{lang}``, ``{lang_name}`` and ``{split}`` expand.
+``hf:NAME:CONFIG:SPLIT`` (``hf:castorini/mr-tydi:arabic:train``, ``hf:Tevatron/msmarco-passage::train``):
+Mr.TyDi's and MS MARCO's raw hub files (``axl_jax.hub``), other hub data sets through ``datasets``. ``{root}``, ``{lang}``, ``{lang_name}`` and ``{split}`` expand.
 
 Every row is validated where it is read: a malformed line or a missing field raises ``DataError``
 naming the file, the line and the field. Empty passages are skipped and counted. This module does not
@@ -22,6 +22,8 @@ import os
 from typing import Iterator
 
 from absl import logging
+
+from axl_jax import hub
 
 # Mr.TyDi's hub configs are language names, the data's files language codes.
 LANGUAGE_NAMES = {
@@ -92,10 +94,14 @@ def _open_text(path: str) -> io.TextIOBase:
 def iter_rows(spec: str) -> Iterator[tuple[str, int, dict]]:
   """Yields ``(source, line_number, row)`` for every row of a local glob or an ``hf:`` data set."""
   if spec.startswith("hf:"):
-    parts = spec[3:].split(":")
-    if len(parts) != 3:
-      raise DataError(f"data spec {spec!r}: expected hf:NAME:CONFIG:SPLIT (CONFIG may be empty)")
-    name, config_name, split = parts
+    try:
+      name, config_name, split = hub.parse(spec)
+      path = hub.local_file(spec) if hub.raw_file(spec) else None  # Mr.TyDi, MS MARCO: their raw files.
+    except (ValueError, hub.MissingFile) as error:
+      raise DataError(str(error)) from None
+    if path is not None:
+      yield from iter_rows(path)
+      return
     import datasets  # Imported here: reading local files should not pay for it.
     try:
       dataset = datasets.load_dataset(name, config_name or None, split=split)
@@ -159,13 +165,61 @@ class SkipCounter:
       logging.warning("%s: skipped %d rows with %s (first at %s)", self.what, count, reason, self.first[reason])
 
 
+def parse_passage_row(row: dict, where: str) -> Passage:
+  """A corpus row ``{docid, title, text}`` (``where`` is ``file:line`` for errors)."""
+  return _passage(row, where)
+
+
+def parse_train_row(row: dict, where: str, language: str, skipped: SkipCounter) -> TrainExample | None:
+  """One training row, or None when it is skipped (and counted in ``skipped``): see ``read_train``."""
+  query_id = str(_field(row, "query_id", (str, int), where))
+  query = _field(row, "query", str, where).strip()
+  if not query:
+    skipped.skip("an empty 'query'", where)
+    return None
+  groups = []
+  for name in ("positive_passages", "negative_passages"):
+    items = row.get(name, []) if name == "negative_passages" else _field(row, name, list, where)
+    if not isinstance(items, list):
+      raise DataError(f"{where}: field {name!r} should be list, got {type(items).__name__}")
+    kept = []
+    for index, item in enumerate(items):
+      passage = _passage(item, f"{where}: field '{name}[{index}]'")
+      if passage.text:
+        kept.append(passage)
+      else:
+        skipped.skip(f"an empty passage in '{name}' (the passage only)", where)
+    groups.append(tuple(kept))
+  if not groups[0]:
+    skipped.skip("no non-empty 'positive_passages'", where)
+    return None
+  answers = row.get("answers") or []
+  if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+    raise DataError(f"{where}: field 'answers' should be a list of strings, got {answers!r:.80}")
+  return TrainExample(query_id, query, groups[0], groups[1], language, tuple(answers))
+
+
+def parse_query_row(row: dict, where: str) -> Query:
+  """A dev/test row: ``query_id``, ``query`` and the docids of ``positive_passages``."""
+  positives = _field(row, "positive_passages", list, where)
+  docids = tuple(str(_field(item, "docid", (str, int), f"{where}: field 'positive_passages[{index}]'"))
+                 for index, item in enumerate(positives))
+  query = _field(row, "query", str, where).strip()
+  if not query:
+    raise DataError(f"{where}: field 'query' is empty")
+  return Query(str(_field(row, "query_id", (str, int), where)), query, docids)
+
+
 def read_corpus(spec: str) -> list[Passage]:
-  """Corpus rows ``{docid, title, text}``; rows with an empty text are skipped and counted."""
+  """Corpus rows ``{docid, title, text}``; rows with an empty text are skipped and counted.
+
+  Holds the whole corpus: for small corpora and tests. Stages read corpora through ``axl_jax.prepared``.
+  """
   passages, seen = [], set()
   skipped = SkipCounter(f"corpus {spec}")
   for source, line, row in iter_rows(spec):
     where = f"{source}:{line}"
-    passage = _passage(row, where)
+    passage = parse_passage_row(row, where)
     if passage.docid in seen:
       raise DataError(f"{where}: field 'docid': {passage.docid!r} appears twice in the corpus")
     seen.add(passage.docid)
@@ -186,32 +240,9 @@ def read_train(spec: str, language: str = "") -> list[TrainExample]:
   examples = []
   skipped = SkipCounter(f"training data {spec}")
   for source, line, row in iter_rows(spec):
-    where = f"{source}:{line}"
-    query_id = str(_field(row, "query_id", (str, int), where))
-    query = _field(row, "query", str, where).strip()
-    if not query:
-      skipped.skip("an empty 'query'", where)
-      continue
-    groups = []
-    for name in ("positive_passages", "negative_passages"):
-      items = row.get(name, []) if name == "negative_passages" else _field(row, name, list, where)
-      if not isinstance(items, list):
-        raise DataError(f"{where}: field {name!r} should be list, got {type(items).__name__}")
-      kept = []
-      for index, item in enumerate(items):
-        passage = _passage(item, f"{where}: field '{name}[{index}]'")
-        if passage.text:
-          kept.append(passage)
-        else:
-          skipped.skip(f"an empty passage in '{name}' (the passage only)", where)
-      groups.append(tuple(kept))
-    if not groups[0]:
-      skipped.skip("no non-empty 'positive_passages'", where)
-      continue
-    answers = row.get("answers") or []
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-      raise DataError(f"{where}: field 'answers' should be a list of strings, got {answers!r:.80}")
-    examples.append(TrainExample(query_id, query, groups[0], groups[1], language, tuple(answers)))
+    example = parse_train_row(row, f"{source}:{line}", language, skipped)
+    if example is not None:
+      examples.append(example)
   skipped.log()
   if not examples:
     raise DataError(f"training data {spec!r}: no usable rows")
@@ -220,17 +251,7 @@ def read_train(spec: str, language: str = "") -> list[TrainExample]:
 
 def read_queries(spec: str) -> list[Query]:
   """Dev/test rows: ``query_id``, ``query`` and the docids of ``positive_passages`` (texts may be empty)."""
-  queries = []
-  for source, line, row in iter_rows(spec):
-    where = f"{source}:{line}"
-    positives = _field(row, "positive_passages", list, where)
-    docids = tuple(str(_field(item, "docid", (str, int), f"{where}: field 'positive_passages[{index}]'"))
-                   for index, item in enumerate(positives))
-    query = _field(row, "query", str, where).strip()
-    if not query:
-      raise DataError(f"{where}: field 'query' is empty")
-    queries.append(Query(str(_field(row, "query_id", (str, int), where)), query, docids))
-  return queries
+  return [parse_query_row(row, f"{source}:{line}") for source, line, row in iter_rows(spec)]
 
 
 def read_qrels(path: str) -> dict[str, dict[str, int]]:
