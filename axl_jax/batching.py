@@ -19,18 +19,55 @@ from axl_jax.data import Passage, TrainExample, passage_text
 from axl_jax.tokenization import tokenize
 
 # Salts keep the random streams of different uses apart for the same (seed, epoch).
-_ORDER_SALT, _NEGATIVE_SALT, _ICT_SALT = 1, 2, 3
+_ORDER_SALT, _NEGATIVE_SALT, _ICT_SALT, _ICT_PROBE_SALT, _FILL_SALT = 1, 2, 3, 4, 5
+_FEISTEL_ROUNDS = 6
+_U64 = np.uint64
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: a cheap 64-bit hash, element-wise (uint64 arithmetic wraps)."""
+  values = (values ^ (values >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+  values = (values ^ (values >> _U64(27))) * _U64(0x94D049BB133111EB)
+  return values ^ (values >> _U64(31))
+
+
+def permute(key: list[int], positions, size: int) -> np.ndarray:
+  """Where ``positions`` land in a permutation of ``range(size)`` keyed by ``key`` (e.g. seed, salt, epoch).
+
+  A balanced Feistel network over the smallest even-bit domain that holds ``size``, with cycle walking
+  back into ``range(size)``: a bijection computed per index, so a step costs O(batch), never O(size).
+  """
+  positions = np.asarray(positions, np.int64)
+  if size <= 0 or (positions.size and (positions.min() < 0 or positions.max() >= size)):
+    raise ValueError(f"positions must lie in range({size})")
+  bits = max(2, int(size - 1).bit_length())
+  half = (bits + 1) // 2
+  mask = _U64((1 << half) - 1)
+  keys = np.random.default_rng(key).integers(0, 1 << 63, size=_FEISTEL_ROUNDS, dtype=np.uint64)
+  values = positions.astype(np.uint64)
+  result = np.empty_like(values)
+  pending = np.arange(len(values))
+  with np.errstate(over="ignore"):
+    while pending.size:  # Cycle walking: at most a few passes, since the domain is under 4 * size.
+      left, right = values[pending] >> _U64(half), values[pending] & mask
+      for key in keys:
+        left, right = right, left ^ (_mix(right ^ key) & mask)
+      values[pending] = (left << _U64(half)) | right
+      inside = values[pending] < _U64(size)
+      result[pending[inside]] = values[pending[inside]]
+      pending = pending[~inside]
+  return result.astype(np.int64)
 
 
 def example_positions(seed: int, step: int, batch_size: int, num_examples: int) -> list[tuple[int, int]]:
-  """``(epoch, example_index)`` of each of the global batch's rows at ``step``."""
-  positions, permutations = [], {}
-  for k in range(step * batch_size, (step + 1) * batch_size):
-    epoch, offset = divmod(k, num_examples)
-    if epoch not in permutations:
-      permutations[epoch] = np.random.default_rng([seed, _ORDER_SALT, epoch]).permutation(num_examples)
-    positions.append((epoch, int(permutations[epoch][offset])))
-  return positions
+  """``(epoch, example_index)`` of each of the global batch's rows at ``step`` (O(batch_size) work)."""
+  ranks = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+  epochs, offsets = np.divmod(ranks, num_examples)
+  indices = np.empty_like(ranks)
+  for epoch in np.unique(epochs):
+    rows = epochs == epoch
+    indices[rows] = permute([seed, _ORDER_SALT, int(epoch)], offsets[rows], num_examples)
+  return [(int(e), int(i)) for e, i in zip(epochs, indices)]
 
 
 def bucket_length(longest: int, buckets: tuple[int, ...]) -> int:
@@ -107,84 +144,134 @@ def _rotate(items: list, epoch: int, count: int) -> list:
 
 
 class SupervisedBatches:
-  """Groups of 1 positive + (group_size - 1) hard negatives per query, from ``TrainExample`` rows.
+  """Groups of 1 positive + (group_size - 1) hard negatives per query, read from training rows by index.
 
-  Passages are keyed by ``(language, docid)``: Mr.TyDi reuses ids such as ``"25267#12"`` in every
-  language. With ``adversarial`` negatives (``(language, query_id)`` -> passages), each group takes up
-  to ``adversarial_per_group`` of them first and fills the rest with the row's own (BM25) negatives.
+  ``rows`` has ``len()`` and ``examples(indices)`` (``prepared.ConcatRows``, or ``data.ExampleList`` for rows
+  in memory): a step reads and tokenizes only its own batch. Passages are keyed by ``(language, docid)``:
+  Mr.TyDi reuses ids such as ``"25267#12"`` in every language. With ``adversarial`` negatives
+  (``(language, query_id)`` -> passages), each group takes up to ``adversarial_per_group`` of them first and
+  fills the rest with the row's own (BM25) negatives; a row short of negatives borrows other rows' positives.
   """
 
-  def __init__(self, examples: list[TrainExample], tokenizer, shape: BatchShape, seed: int,
-               query_max_length: int, passage_max_length: int, title_separator: str,
+  def __init__(self, rows, tokenizer, shape: BatchShape, seed: int, query_max_length: int,
+               passage_max_length: int, title_separator: str,
                adversarial: dict[tuple[str, str], tuple[Passage, ...]] | None = None,
                adversarial_per_group: int = 0):
-    self.examples, self.shape, self.seed = examples, shape, seed
+    self.rows = rows if hasattr(rows, "examples") else ExampleList(rows)
+    if not len(self.rows):
+      raise ValueError("no training rows")
+    self.tokenizer, self.shape, self.seed = tokenizer, shape, seed
+    self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
+    self.title_separator = title_separator
     self.adversarial, self.adversarial_per_group = adversarial or {}, adversarial_per_group
-    self.query_tokens = tokenize(tokenizer, [e.query for e in examples], query_max_length)
-    # Passages are shared between queries (a BM25 negative is often another query's positive), so
-    # each distinct passage is tokenized once.
-    self.passage_index: dict[tuple[str, str], int] = {}
-    texts = []
-    own = [((e.language, p.docid), p) for e in examples for p in e.positives + e.negatives]
-    generated = [((language, p.docid), p) for (language, _), passages in self.adversarial.items() for p in passages]
-    for key, passage in own + generated:
-      if key not in self.passage_index:
-        self.passage_index[key] = len(texts)
-        texts.append(passage_text(passage, title_separator))
-    self.passage_tokens = tokenize(tokenizer, texts, passage_max_length)
-    # The pool that fills groups short of hard negatives: the rows' own passages, never adversarial ones.
-    self.pool = list(dict.fromkeys(key for key, _ in own))
 
-  def group(self, epoch: int, index: int) -> list[int]:
-    """Passage token indices for one query: positive first, then rotating hard negatives."""
-    example = self.examples[index]
-    language = example.language
-    rng = np.random.default_rng([self.seed, _NEGATIVE_SALT, epoch, index])
+  def group(self, epoch: int, index: int, example: TrainExample | None = None) -> list[Passage]:
+    """The passages of one query's group: its positive first, then rotating hard negatives."""
+    example = example or self.rows.examples([index])[0]
     positive = example.positives[epoch % len(example.positives)]
     wanted = self.shape.group_size - 1
-    adversarial = [(language, p.docid) for p in self.adversarial.get(example.key, ())]
-    chosen = _rotate(adversarial, epoch, min(self.adversarial_per_group, wanted))
-    chosen += _rotate([(language, p.docid) for p in example.negatives], epoch, wanted - len(chosen))
-    positives = {(language, p.docid) for p in example.positives}
-    while len(chosen) < wanted:  # Too few hard negatives: fill with random passages of the pool.
-      key = self.pool[int(rng.integers(len(self.pool)))]
-      if key not in positives or len(self.pool) <= len(positives):
-        chosen.append(key)
-    return [self.passage_index[(language, positive.docid)]] + [self.passage_index[k] for k in chosen]
+    chosen = _rotate(list(self.adversarial.get(example.key, ())), epoch, min(self.adversarial_per_group, wanted))
+    chosen += _rotate(list(example.negatives), epoch, wanted - len(chosen))
+    positives = {p.docid for p in example.positives}
+    rng = np.random.default_rng([self.seed, _FILL_SALT, epoch, index])
+    attempts = 0
+    while len(chosen) < wanted:  # Too few hard negatives: another row's positive (rarely, this row's own).
+      other = self.rows.examples([int(rng.integers(len(self.rows)))])[0]
+      candidate = other.positives[0]
+      attempts += 1
+      if other.language != example.language or candidate.docid not in positives or attempts > 16:
+        chosen.append(candidate)
+    return [positive] + chosen
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    positions = example_positions(self.seed, step, self.shape.batch_size, len(self.examples))
-    queries = [self.query_tokens[index] for _, index in positions]
-    passages = [self.passage_tokens[p] for epoch, index in positions for p in self.group(epoch, index)]
+    positions = example_positions(self.seed, step, self.shape.batch_size, len(self.rows))
+    examples = self.rows.examples([index for _, index in positions])
+    groups = [self.group(epoch, index, example) for (epoch, index), example in zip(positions, examples)]
+    queries = tokenize(self.tokenizer, [e.query for e in examples], self.query_max_length)
+    passages = tokenize(self.tokenizer, [passage_text(p, self.title_separator) for g in groups for p in g],
+                        self.passage_max_length)
     return self.shape.assemble(queries, passages)
 
 
-class ICTBatches:
-  """ICT pseudo pairs made on the fly from corpus passages; in-batch negatives only (group_size 1)."""
+class ExampleList(list):
+  """Training rows held in memory, with the ``examples(indices)`` of prepared rows (tests, small data)."""
 
-  def __init__(self, passages: list[tuple[str, Passage]], tokenizer, shape: BatchShape, seed: int,
+  def examples(self, indices) -> list[TrainExample]:
+    return [self[int(i)] for i in indices]
+
+
+class PassageList(list):
+  """Passages held in memory, with the ``passages(indices)`` of a prepared corpus (tests, small data)."""
+
+  def passages(self, indices) -> list[Passage]:
+    return [self[int(i)] for i in indices]
+
+
+class ICTBatches:
+  """ICT pseudo pairs made lazily from corpus passages read by index; in-batch negatives only (group_size 1).
+
+  ``corpora`` is ``[(language, corpus)]`` with ``len(corpus)`` and ``corpus.passages(indices)`` (a prepared
+  ``Corpus`` or a ``PassageList``), taken as one index space. A passage of fewer than two sentences gives no
+  pair: the row probes a deterministic sequence of other passages (``_MAX_PROBES`` at most) instead.
+  """
+
+  _MAX_PROBES = 64
+
+  def __init__(self, corpora: list[tuple[str, object]], tokenizer, shape: BatchShape, seed: int,
                query_max_length: int, passage_max_length: int, title_separator: str,
                remove_prob: float, min_sentence_chars: int):
     if shape.group_size != 1:
       raise ValueError(f"ict.group_size must be 1 (ICT uses in-batch negatives only), got {shape.group_size}")
-    # Only passages of two or more sentences can make a pair.
-    self.passages = [(language, passage) for language, passage in passages
-                     if len(ict.split_sentences(passage.text, language, min_sentence_chars)) >= 2]
-    if not self.passages:
-      raise ValueError("ICT: no corpus passage has two sentences")
+    self.corpora = [(language, corpus) for language, corpus in corpora if len(corpus)]
+    self.offsets = np.cumsum([0] + [len(corpus) for _, corpus in self.corpora])
+    if not self.offsets[-1]:
+      raise ValueError("ICT: the corpus is empty")
     self.tokenizer, self.shape, self.seed = tokenizer, shape, seed
     self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
     self.title_separator, self.remove_prob, self.min_chars = title_separator, remove_prob, min_sentence_chars
 
-  def pair(self, epoch: int, index: int) -> tuple[str, str]:
-    language, passage = self.passages[index]
-    rng = np.random.default_rng([self.seed, _ICT_SALT, epoch, index])
-    query, context = ict.make_pair(passage, language, rng, self.remove_prob, self.min_chars)
-    return query, passage_text(context, self.title_separator)
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def _read(self, indices: np.ndarray) -> list[tuple[str, Passage]]:
+    """``(language, passage)`` of global indices, one read per language."""
+    owners = np.searchsorted(self.offsets, indices, side="right") - 1
+    result: list = [None] * len(indices)
+    for owner in np.unique(owners):
+      slots = np.flatnonzero(owners == owner)
+      language, corpus = self.corpora[owner]
+      for slot, passage in zip(slots, corpus.passages(indices[slots] - self.offsets[owner])):
+        result[slot] = (language, passage)
+    return result
+
+  def pairs(self, positions: list[tuple[int, int]]) -> list[tuple[str, str]]:
+    """``(pseudo query, context passage text)`` for each ``(epoch, index)``."""
+    indices = np.asarray([index for _, index in positions], np.int64)
+    pairs: list = [None] * len(positions)
+    missing = list(range(len(positions)))
+    for probe in range(self._MAX_PROBES):
+      if not missing:
+        return pairs
+      if probe:  # The next choice of each unpaired row: a permutation of its own (epoch, probe).
+        for slot in missing:
+          epoch, index = positions[slot]
+          indices[slot] = permute([self.seed, _ICT_PROBE_SALT, epoch, probe], [index], len(self))[0]
+      read = self._read(indices[missing])
+      still = []
+      for slot, (language, passage) in zip(missing, read):
+        epoch, index = positions[slot]
+        rng = np.random.default_rng([self.seed, _ICT_SALT, epoch, index, probe])
+        pair = ict.make_pair(passage, language, rng, self.remove_prob, self.min_chars)
+        if pair is None:
+          still.append(slot)
+        else:
+          pairs[slot] = (pair[0], passage_text(pair[1], self.title_separator))
+      missing = still
+    raise ValueError(f"ICT: {self._MAX_PROBES} passages in a row had fewer than two sentences of "
+                     f"{self.min_chars}+ characters; does the corpus have sentence punctuation?")
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    positions = example_positions(self.seed, step, self.shape.batch_size, len(self.passages))
-    pairs = [self.pair(epoch, index) for epoch, index in positions]
+    pairs = self.pairs(example_positions(self.seed, step, self.shape.batch_size, len(self)))
     queries = tokenize(self.tokenizer, [q for q, _ in pairs], self.query_max_length)
     passages = tokenize(self.tokenizer, [p for _, p in pairs], self.passage_max_length)
     return self.shape.assemble(queries, passages)

@@ -1,6 +1,6 @@
 """Encode texts with a trained encoder (jitted, batched) and keep embeddings as numpy shards.
 
-A shard is ``<name>.<index>.npy`` (float32 ``[n, dim]``) beside ``<name>.<index>.ids.txt`` (one id per
+A shard is ``<name>.<index>.npy`` (``[n, dim]``; corpus float16 by default, queries float32) beside ``<name>.<index>.ids.txt`` (one id per
 line); ``<name>.manifest.json`` names the checkpoint, its content digest, the model config and every
 shard. Shards are written atomically and an interrupted export resumes at the first missing shard.
 Load with ``load_shards`` or plain ``numpy.load``.
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from axl_jax import checkpoints, data, io, tokenization
+from axl_jax import checkpoints, data, io, prepared, tokenization
 from axl_jax.batching import bucket_length, pad, passage_buckets, query_buckets
 from axl_jax.encoder import BiEncoder
 from axl_jax.tokenization import tokenize
@@ -94,67 +94,94 @@ class Encoder:
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
 
-def export_shards(directory: str, name: str, ids: list[str], embed_fn, shard_size: int, manifest: dict,
-                  description: str = "") -> dict:
-  """Writes ``embed_fn(ids[a:b], progress)`` shard by shard; returns (and writes) the manifest.
+def export_shards(directory: str, name: str, count: int, read, encode, shard_size: int, manifest: dict,
+                  description: str = "", dtype: str = "float32", chunk_size: int = 65536) -> dict:
+  """Writes the embeddings of items ``0..count-1`` shard by shard; returns (and writes) the manifest.
 
-  ``manifest["key"]`` says what the shards are made from; shards on disk from an interrupted run with
-  the same key are kept, any others removed first.
+  ``read(start, stop)`` gives ``(ids, texts)`` of those items and ``encode(texts, progress)`` their vectors:
+  a shard is read and encoded ``chunk_size`` items at a time into a memory-mapped ``dtype`` file, so memory
+  holds one chunk. ``manifest["key"]`` says what the shards are made from; shards on disk from an
+  interrupted run with the same key are kept (the run resumes at the first missing shard), others removed.
   """
   os.makedirs(directory, exist_ok=True)
-  key = [manifest["key"], shard_size, len(ids)]
+  key = [manifest["key"], shard_size, count]
   progress_path = os.path.join(directory, f"{name}.progress.json")
   if os.path.exists(progress_path) and io.read_json(progress_path).get("key") != key:
     for stale in os.listdir(directory):  # Another checkpoint's or another setting's shards: never mix them.
       if stale.startswith(name + "."):
         os.remove(os.path.join(directory, stale))
   finished = _finished(directory, name, manifest["key"], shard_size)
-  if finished is not None and finished["count"] == len(ids):
+  if finished is not None and finished["count"] == count:
     return finished
   io.write_json(progress_path, {"key": key})
   shards = []
-  progress = tqdm(total=len(ids), desc=description or name, unit="text", leave=False)
-  for index, start in enumerate(range(0, max(len(ids), 1), shard_size)):
-    shard_ids = ids[start:start + shard_size]
+  progress = tqdm(total=count, desc=description or name, unit="text", leave=False)
+  for index, start in enumerate(range(0, max(count, 1), shard_size)):
+    stop = min(start + shard_size, count)
     stem = os.path.join(directory, f"{name}.{index:05d}")
     if not (os.path.exists(stem + ".npy") and os.path.exists(stem + ".ids.txt")):
-      io.save_npy(stem + ".npy", embed_fn(shard_ids, progress).astype(np.float32))
-      io.write_lines(stem + ".ids.txt", shard_ids)
+      _write_shard(stem, start, stop, read, encode, np.dtype(dtype), chunk_size, progress)
     else:
-      progress.update(len(shard_ids))
+      progress.update(stop - start)
     shards.append({"embeddings": os.path.basename(stem) + ".npy", "ids": os.path.basename(stem) + ".ids.txt",
-                   "count": len(shard_ids)})
+                   "count": stop - start})
   progress.close()
-  manifest = dict(manifest, name=name, count=len(ids), shards=shards)
+  manifest = dict(manifest, name=name, count=count, dtype=dtype, shards=shards)
   io.write_json(shards_manifest_path(directory, name), manifest)
   return manifest
 
 
-def export_language(encoder: Encoder, directory: str, language: str, splits: list[str], shard_size: int) -> dict:
-  """Corpus and query embedding shards of one language in ``directory``; returns ``{name: manifest}``."""
+def _write_shard(stem: str, start: int, stop: int, read, encode, dtype: np.dtype, chunk_size: int, progress):
+  """Items ``start:stop`` into ``<stem>.npy`` (written in place under a temporary name, then renamed)."""
+  partial = f"{stem}.npy.partial-{os.getpid()}"
+  ids, array = [], None
+  for begin in range(start, stop, chunk_size):
+    chunk_ids, texts = read(begin, min(begin + chunk_size, stop))
+    vectors = encode(texts, progress)
+    if array is None:
+      array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(stop - start, vectors.shape[1]))
+    array[begin - start:begin - start + len(vectors)] = vectors
+    ids += chunk_ids
+  if array is None:  # An empty set still gets its (empty) shard, so readers need no special case.
+    array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(0, 0))
+  array.flush()
+  del array
+  with open(partial, "rb+") as file:
+    os.fsync(file.fileno())
+  os.replace(partial, stem + ".npy")
+  io.write_lines(stem + ".ids.txt", ids)
+
+
+def export_language(encoder: Encoder, directory: str, language: str, splits: list[str], shard_size: int,
+                    store: prepared.Store) -> dict:
+  """Corpus and query embedding shards of one language in ``directory``; returns ``{name: manifest}``.
+
+  The prepared corpus (from ``store``) is read by index, a chunk at a time; corpus vectors are stored as ``evaluate.embedding_dtype``, query vectors as float32.
+  """
   config = encoder.config
   corpus_spec = data.expand_spec(config.data.corpus, config.data.root, language)
   header = {"checkpoint": encoder.checkpoint, "checkpoint_digest": encoder.digest, "language": language,
             "model": encoder.model_config.to_dict()}
-  manifests = {}
-  # The corpus is read only when its shards are missing.
-  corpus_key = _key(encoder.key, data.spec_identity(corpus_spec))
-  finished = _finished(directory, "corpus", corpus_key, shard_size)
-  if finished is None:
-    corpus = data.read_corpus(corpus_spec)
-    texts = {p.docid: data.passage_text(p, config.data.title_separator) for p in corpus}
-    corpus_ids = list(texts)
-    embed = lambda ids, progress: encoder.encode([texts[i] for i in ids], "passage", progress=progress)
-  else:  # The ids come from the finished shards, so the corpus need not be read again.
-    corpus_ids, embed = [i for ids, _ in load_shards(directory, "corpus", with_embeddings=False) for i in ids], None
-  manifests["corpus"] = export_shards(directory, "corpus", corpus_ids, embed, shard_size,
-                                      dict(header, tower="passage", key=corpus_key), f"{language} corpus")
+  dtype = config.evaluate.embedding_dtype
+  separator = config.data.title_separator
+  corpus = store.corpus(corpus_spec, language)
+
+  def read(start, stop):
+    passages = corpus.passages(range(start, stop))
+    return [p.docid for p in passages], [data.passage_text(p, separator) for p in passages]
+
+  manifests = {"corpus": export_shards(
+      directory, "corpus", len(corpus), read, lambda texts, progress: encoder.encode(texts, "passage",
+                                                                                    progress=progress),
+      shard_size, dict(header, tower="passage", key=_key(encoder.key, data.spec_identity(corpus_spec), dtype)),
+      f"{language} corpus", dtype)}
   for split in splits:
     queries_spec = data.expand_spec(config.data.queries, config.data.root, language, split)
-    queries = {q.query_id: q.query for q in data.read_queries(queries_spec)}
+    queries = store.queries(queries_spec, language)
     manifests[f"queries-{split}"] = export_shards(
-        directory, f"queries-{split}", list(queries),
-        lambda ids, progress: encoder.encode([queries[i] for i in ids], "query", progress=progress), shard_size,
+        directory, f"queries-{split}", len(queries),
+        lambda start, stop: ([q.query_id for q in queries[start:stop]], [q.query for q in queries[start:stop]]),
+        lambda texts, progress: encoder.encode(texts, "query", progress=progress), shard_size,
         dict(header, tower="query", split=split, key=_key(encoder.key, data.spec_identity(queries_spec))),
         f"{language} {split} queries")
   return manifests
@@ -178,8 +205,9 @@ def _finished(directory: str, name: str, key: str, shard_size: int) -> dict | No
 
 def language_embeddings(workdir: str, encoder: Encoder, language: str, splits: list[str]) -> str:
   """The directory of ``encoder``'s corpus and query shards for ``language``, encoding what is missing."""
+  config = encoder.config
   directory = os.path.join(workdir, "embeddings", encoder.key, language)
-  export_language(encoder, directory, language, splits, encoder.config.evaluate.shard_size)
+  export_language(encoder, directory, language, splits, config.evaluate.shard_size, prepared.store(config, workdir))
   return directory
 
 

@@ -16,6 +16,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # JAX preallocates this share of each GPU when its backend starts (first use, below); FAISS searches in
+  # the rest (search.py: float16 shards and temporary memory). A value set in the environment wins.
+  import os
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(FLAGS.config.jax_memory_fraction))
   # clu's writers import TensorFlow; keep it off the accelerators JAX uses (as the Flax examples do).
   import tensorflow as tf
   tf.config.experimental.set_visible_devices([], "GPU")

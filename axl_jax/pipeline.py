@@ -34,7 +34,7 @@ from types import ModuleType
 import jax
 from absl import logging
 
-from axl_jax import data, hf_checkpoint, io, stages, tokenization
+from axl_jax import data, hf_checkpoint, hub, io, prepared, stages, tokenization
 
 def stage_module(name: str) -> ModuleType | None:
   """The module of stage ``name`` (``round_3`` -> ``axl_jax.stages.round``), or None for an unknown name."""
@@ -298,11 +298,14 @@ def _tokenizer_settings(config) -> dict:
                      for language in data.parse_languages(config.data.languages)]}
 
 
-def _tokenizer_texts(config):
+def _tokenizer_texts(config, workdir_root: str):
+  """The first ``train_docs_per_language`` passages of each language's prepared corpus."""
   per_language = config.tokenizer.train_docs_per_language
+  store = prepared.store(config, workdir_root)
   for language in data.parse_languages(config.data.languages):
-    for passage in data.read_corpus(data.expand_spec(config.data.corpus, config.data.root, language))[:per_language]:
-      yield data.passage_text(passage, " ")
+    corpus = store.corpus(prepared.corpus_spec(config, language), language)
+    for _, passages in corpus.chunks(4096, stop=min(per_language, len(corpus))):
+      yield from (data.passage_text(passage, " ") for passage in passages)
 
 
 def run(config, workdir_path: str) -> dict[str, dict]:
@@ -311,10 +314,11 @@ def run(config, workdir_path: str) -> dict[str, dict]:
     # The checkpoint decides the architecture; the config keeps pooling, projection, dtype and the rest.
     hf_config = hf_checkpoint.read_hf_config(hf_checkpoint.resolve(config.model.init_from))
     config.model.update(hf_checkpoint.model_config_from_hf(hf_config, config.model).to_dict())
+  hub.configure(config)
   names = validate_config(config)
   os.makedirs(workdir_path, exist_ok=True)
   workdir = Workdir(workdir_path)
-  tokenizer = tokenization.get_tokenizer(config, workdir_path, lambda: _tokenizer_texts(config),
+  tokenizer = tokenization.get_tokenizer(config, workdir_path, lambda: _tokenizer_texts(config, workdir_path),
                                          _tokenizer_settings(config), retrain="all" in config.recompute.split(","))
   if not config.tokenizer.name_or_path:
     with config.unlocked():

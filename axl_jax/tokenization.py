@@ -8,8 +8,10 @@ so two runs with one seed train the same model.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
+import threading
 from typing import Iterable
 
 import numpy as np
@@ -93,11 +95,27 @@ def get_tokenizer(config, workdir: str, corpus_texts, settings: dict, retrain: b
   return train_tokenizer(corpus_texts(), config.tokenizer.vocab_size, directory, settings)
 
 
+_threads = threading.local()
+
+
+def _own_copy(tokenizer):
+  """This thread's copy of ``tokenizer``: a fast tokenizer's call sets truncation on its shared Rust backend,
+  so two threads tokenizing to different lengths at once would race (the input pipeline's workers do)."""
+  if threading.current_thread() is threading.main_thread():
+    return tokenizer
+  copies = _threads.__dict__.setdefault("copies", {})
+  original, copy_ = copies.get(id(tokenizer), (None, None))
+  if original is not tokenizer:
+    copy_ = copy.deepcopy(tokenizer)
+    copies[id(tokenizer)] = (tokenizer, copy_)
+  return copy_
+
+
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[np.ndarray]:
-  """Token ids (with the model's special tokens) of each text, truncated to ``max_length``."""
+  """Token ids (with the model's special tokens) of each text, truncated to ``max_length`` (thread-safe)."""
   if not texts:
     return []
-  encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
+  encoded = _own_copy(tokenizer)(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
   return [np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]
 
 

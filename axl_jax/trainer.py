@@ -51,9 +51,11 @@ def create_writer(config, logdir: str):
   return writer
 
 
-def _prefetch(make_batch: Callable[[int], dict], steps: range, depth: int = 2):
-  """Builds the next batches on a host thread while the devices run the current step."""
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+def _prefetch(make_batch: Callable[[int], dict], steps: range, workers: int = 2):
+  """Builds the next batches (reading and tokenizing) on ``workers`` host threads while the devices run
+  the current step; batches come out in step order."""
+  depth = workers + 1
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
     pending = [pool.submit(make_batch, step) for step in steps[:depth]]
     for offset, step in enumerate(steps):
       batch = pending.pop(0).result()
@@ -134,7 +136,7 @@ def train(stage_name: str, stage_config, config, workdir: str, batches, initial_
   try:
     with metric_writers.ensure_flushes(writer):
       steps = range(start, stage_config.num_steps)
-      for step, batch in _prefetch(batches.batch, steps):
+      for step, batch in _prefetch(batches.batch, steps, config.data.loader_threads):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, metrics = p_train_step(state, ts.shard_batch(batch, num_devices), dropout_rng)
         done = step + 1

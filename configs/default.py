@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Stale training stages (made with another config or data) to retrain, with the stages after them:
   # comma-separated names or "all". Without it a run that would throw training away stops first.
   config.recompute = ""
+  # Share of each GPU's memory JAX preallocates; the rest is FAISS's (GPU search) and the generator's.
+  config.jax_memory_fraction = 0.75
 
   config.model = ml_collections.ConfigDict()
   config.model.vocab_size = 250002            # filled from the tokenizer when trained from scratch
@@ -71,6 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.passage_max_length = 256
   config.data.passage_length_buckets = "64,128,256"  # pad each batch to the smallest bucket that fits
   config.data.title_separator = " "           # passage text = title + separator + text (Tevatron)
+  # Where the TFDS ArrayRecord datasets prepared from the files above live ("" = <workdir>/prepared); share
+  # one between runs on the same data. Datasets are keyed by the source files' content, never reused stale.
+  config.data.prepared_dir = ""
+  config.data.hub_dir = ""                    # a folder laid out like the hub (<repo id>/<file>), searched first
+  config.data.download = True                 # fetch missing hub files (axl_jax/hub.py) into the HF cache
+  config.data.loader_threads = 2              # host threads reading and tokenizing the next batches
 
   # ICT reads the corpus (ict.corpus or data.corpus of data.languages), not training rows.
   config.ict = train_stage(rows=False, num_steps=10000, batch_size=256, group_size=1, learning_rate=1e-4,
@@ -92,7 +100,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluate.hnsw_neighbors = 32
   config.evaluate.encode_batch_size = 256
   config.evaluate.shard_size = 1000000        # passages per exported shard; FAISS searches shard by shard
+  config.evaluate.embedding_dtype = "float16"  # corpus shards on disk (float32 doubles the size)
   config.evaluate.bm25 = True                 # report BM25 on the same data beside the dense model
+  # bm25s indexes a corpus in memory: above this many passages a language's BM25 row comes from
+  # evaluate.bm25_run instead (or is left out, with a warning).
+  config.evaluate.bm25_max_passages = 2000000
+  config.evaluate.bm25_run = ""               # TREC run files of BM25 ({lang}, {lang_name}, {split} expand)
   config.evaluate.also_checkpoints = ""       # extra stages to evaluate for the table, e.g. "ict"
 
   config.export = ml_collections.ConfigDict()

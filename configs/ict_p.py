@@ -3,10 +3,16 @@
 Starts from ``xlm-roberta-base`` (``model.init_from``: a hub id or a local directory; the checkpoint's
 config.json sets the architecture) with its tokenizer. Swap in ``intfloat/multilingual-e5-base``
 (with ``model.pooling=mean``), ``castorini/mdpr-tied-pft-msmarco`` or ``facebook/mcontriever`` the same way.
-Data comes from the HF hub (``castorini/mr-tydi``, ``castorini/mr-tydi-corpus``,
-``Tevatron/msmarco-passage``); without network access, point the data fields at local JSON Lines:
+Data: the raw files of the hub's ``castorini/mr-tydi``, ``castorini/mr-tydi-corpus`` and
+``Tevatron/msmarco-passage`` (downloaded, or from ``--config.data.hub_dir``: ``axl_jax/hub.py``), prepared
+once into TFDS ArrayRecord datasets (``python -m axl_jax.prepare``); or local JSON Lines in the same schema:
 
   --config.data.corpus='/data/mrtydi/corpus/{lang}.jsonl.gz' --config.data.queries=...
+
+BM25 on 58.7M passages is not a job for bm25s in memory: above ``evaluate.bm25_max_passages`` the table's
+BM25 row comes from TREC run files at ``evaluate.bm25_run`` where they exist, e.g. Pyserini's Mr.TyDi BM25
+(``python -m pyserini.search.lucene --index mrtydi-v1.1-{lang_name} --topics mrtydi-v1.1-{lang_name}-test
+--output run.bm25.mrtydi-v1.1-{lang_name}.test.txt --bm25 --hits 100``).
 """
 from configs import default
 
@@ -32,6 +38,7 @@ def get_config():
                          num_steps=50000, batch_size=128, group_size=8, learning_rate=1e-5, warmup_steps=1000,
                          checkpoint_every=2000)
   config.evaluate.split = "test"
+  config.evaluate.bm25_run = "{root}/bm25/run.bm25.mrtydi-v1.1-{lang_name}.{split}.txt"
   config.evaluate.also_checkpoints = "ict"
   config.evaluate.encode_batch_size = 1024
   config.export.splits = "dev,test"

@@ -1,7 +1,8 @@
 """Batches are a pure function of (seed, step), split cleanly across hosts, and rotate negatives."""
 import numpy as np
+import pytest
 
-from axl_jax import batching
+from axl_jax import batching, trainer
 from axl_jax.data import Passage, TrainExample
 
 
@@ -45,25 +46,20 @@ def test_static_shapes_from_buckets_and_positive_first():
     assert batch["passage_ids"][row * 3, 1] == 5 + ord("p") % 90
 
 
-def _docids(sampler):
-  """Token row -> docid (the tests use one language, so the (language, docid) keys differ by docid only)."""
-  return {index: docid for (_, docid), index in sampler.passage_index.items()}
-
-
 def test_hard_negatives_rotate_across_epochs():
   sampler = _batches(batching.BatchShape(2, 3, (8, 16), (16, 24)))
-  docids, seen = _docids(sampler), set()
+  seen = set()
   for epoch in range(3):
-    group = sampler.group(epoch, 0)
-    seen.update(docids[g] for g in group[1:])
+    seen.update(p.docid for p in sampler.group(epoch, 0)[1:])
   assert seen == {f"n0-{j}" for j in range(5)}
 
 
-def test_missing_negatives_are_filled_from_the_pool():
+def test_missing_negatives_are_other_rows_positives():
   examples = _examples(n=6, negatives=0)
   sampler = _batches(batching.BatchShape(2, 3, (8, 16), (16, 24)), examples)
-  group, docids = sampler.group(0, 0), _docids(sampler)
-  assert len(group) == 3 and docids[group[0]] == "p0" and "p0" not in [docids[g] for g in group[1:]]
+  group = [p.docid for p in sampler.group(0, 0)]
+  assert len(group) == 3 and group[0] == "p0" and "p0" not in group[1:]
+  assert all(docid.startswith("p") for docid in group[1:])
 
 
 def test_adversarial_negatives_come_first_then_bm25():
@@ -71,9 +67,73 @@ def test_adversarial_negatives_come_first_then_bm25():
   adversarial = {("", "q0"): tuple(Passage(f"adv{j}", "", f"adversarial {j}") for j in range(2))}
   sampler = batching.SupervisedBatches(examples, CharTokenizer(), batching.BatchShape(2, 3, (8, 16), (16, 24)), 0,
                                        16, 24, " ", adversarial=adversarial, adversarial_per_group=1)
-  docid = _docids(sampler)
   for epoch in range(2):  # one adversarial negative per group, rotating, then BM25 ones
-    group = [docid[g] for g in sampler.group(epoch, 0)]
+    group = [p.docid for p in sampler.group(epoch, 0)]
     assert group[0] == "p0" and group[1] == f"adv{epoch}" and group[2].startswith("n0-")
   # Queries without adversarial negatives keep their BM25 ones.
-  assert all(docid[g].startswith("n1-") for g in sampler.group(0, 1)[1:])
+  assert all(p.docid.startswith("n1-") for p in sampler.group(0, 1)[1:])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1000, 4099])
+def test_permutation_is_a_bijection_keyed_by_seed_and_epoch(size):
+  positions = np.arange(size)
+  permuted = batching.permute([3, 1, 0], positions, size)
+  assert sorted(permuted.tolist()) == list(range(size))
+  np.testing.assert_array_equal(permuted, batching.permute([3, 1, 0], positions, size))
+  if size >= 64:
+    assert not np.array_equal(permuted, batching.permute([3, 1, 1], positions, size))
+    assert not np.array_equal(permuted, positions)
+  # Computed per index: any subset of positions lands where the whole permutation puts it.
+  subset = positions[::3]
+  np.testing.assert_array_equal(batching.permute([3, 1, 0], subset, size), permuted[::3])
+
+
+def test_batch_positions_cost_the_batch_not_the_data_set():
+  # 58.7 billion examples: a permutation materialised per step would not fit in memory.
+  positions = batching.example_positions(0, 10**6, 256, 58_700_000_000)
+  assert len(positions) == 256 and len({index for _, index in positions}) == 256
+  assert all(0 <= index < 58_700_000_000 and epoch == 0 for epoch, index in positions)
+  # An epoch boundary inside a batch: the first rows finish epoch 0, the others start epoch 1.
+  epochs = [epoch for epoch, _ in batching.example_positions(0, 2, 4, 10)]
+  assert epochs == [0, 0, 1, 1]
+
+
+def _ict(passages, batch_size=4, seed=0):
+  corpus = batching.PassageList(passages)
+  return batching.ICTBatches([("en", corpus)], CharTokenizer(), batching.BatchShape(batch_size, 1, (16,), (40,)),
+                             seed, 16, 40, " ", remove_prob=1.0, min_sentence_chars=3)
+
+
+def test_ict_pairs_skip_single_sentence_passages_deterministically():
+  passages = [Passage(f"d{i}", "", f"Alpha {i}. Beta {i}." if i % 3 == 0 else f"Single {i}") for i in range(30)]
+  sampler = _ict(passages)
+  for step in range(10):
+    positions = batching.example_positions(0, step, 4, 30)
+    pairs = sampler.pairs(positions)
+    assert pairs == _ict(passages).pairs(positions)
+    for query, context in pairs:  # every pair comes from a two-sentence passage, its query removed
+      assert query.startswith(("Alpha", "Beta")) and query not in context
+
+
+def test_ict_rows_read_only_their_own_passages():
+  class Counting(batching.PassageList):
+    reads = 0
+
+    def passages(self, indices):
+      Counting.reads += len(indices)
+      return super().passages(indices)
+
+  passages = Counting(Passage(f"d{i}", "", f"One {i}. Two {i}.") for i in range(1000))
+  sampler = batching.ICTBatches([("en", passages)], CharTokenizer(), batching.BatchShape(8, 1, (16,), (40,)), 0,
+                                16, 40, " ", remove_prob=0.9, min_sentence_chars=3)
+  sampler.batch(5)
+  assert Counting.reads == 8
+
+
+def test_threaded_prefetch_gives_the_sequential_batches():
+  sampler = _batches(batching.BatchShape(4, 3, (8, 16), (16, 24)))
+  threaded = list(trainer._prefetch(sampler.batch, range(2, 9), workers=3))
+  assert [step for step, _ in threaded] == list(range(2, 9))
+  for step, batch in threaded:
+    for name, value in sampler.batch(step).items():
+      np.testing.assert_array_equal(batch[name], value)

@@ -27,7 +27,6 @@ def test_passages_are_keyed_by_language_and_id():
   examples = _colliding_examples()
   shape = batching.BatchShape(2, 2, (16,), (40,))
   batches = batching.SupervisedBatches(examples, CharTokenizer(), shape, 0, 16, 40, " ")
-  assert len(batches.passage_tokens) == 4  # two languages x two passages, none merged
   for step in range(3):
     batch = batches.batch(step)
     for row in range(2):
@@ -212,18 +211,37 @@ def test_embedding_shards_are_rewritten_when_their_key_changes(tmp_path):
   calls = []
 
   def embed(value):
-    def fn(ids, progress):
+    def fn(texts, progress):
       calls.append(value)
-      return np.full((len(ids), 2), value, np.float32)
+      return np.full((len(texts), 2), value, np.float32)
     return fn
   ids = [f"d{i}" for i in range(5)]
-  embeddings.export_shards(str(tmp_path), "corpus", ids, embed(1.0), 2, {"key": "a"})
-  embeddings.export_shards(str(tmp_path), "corpus", ids, embed(2.0), 2, {"key": "a"})
+  read = lambda start, stop: (ids[start:stop], [f"text of {i}" for i in ids[start:stop]])
+  embeddings.export_shards(str(tmp_path), "corpus", 5, read, embed(1.0), 2, {"key": "a"}, dtype="float16")
+  embeddings.export_shards(str(tmp_path), "corpus", 5, read, embed(2.0), 2, {"key": "a"}, dtype="float16")
   assert calls == [1.0] * 3  # same key: nothing encoded again
-  embeddings.export_shards(str(tmp_path), "corpus", ids, embed(3.0), 2, {"key": "b"})
-  vectors = np.concatenate([v for _, v in embeddings.load_shards(str(tmp_path), "corpus")])
-  assert calls == [1.0] * 3 + [3.0] * 3 and (vectors == 3.0).all()
+  embeddings.export_shards(str(tmp_path), "corpus", 5, read, embed(3.0), 2, {"key": "b"}, dtype="float16")
+  shards = list(embeddings.load_shards(str(tmp_path), "corpus"))
+  vectors = np.concatenate([v for _, v in shards])
+  assert calls == [1.0] * 3 + [3.0] * 3 and (vectors == 3.0).all() and vectors.dtype == np.float16
+  assert [i for shard_ids, _ in shards for i in shard_ids] == ids
   assert io.read_json(str(tmp_path / "corpus.manifest.json"))["key"] == "b"
+
+
+def test_shards_are_encoded_a_chunk_at_a_time_in_corpus_order(tmp_path):
+  from axl_jax import embeddings
+  reads = []
+  ids = [f"d{i}" for i in range(10)]
+
+  def read(start, stop):
+    reads.append((start, stop))
+    return ids[start:stop], ids[start:stop]
+  embed = lambda texts, progress: np.asarray([[float(t[1:]), 1.0] for t in texts], np.float32)
+  embeddings.export_shards(str(tmp_path), "corpus", 10, read, embed, 4, {"key": "a"}, chunk_size=3)
+  assert reads == [(0, 3), (3, 4), (4, 7), (7, 8), (8, 10)]  # never more than a chunk in memory
+  shards = list(embeddings.load_shards(str(tmp_path), "corpus"))
+  assert [len(i) for i, _ in shards] == [4, 4, 2]
+  np.testing.assert_array_equal(np.concatenate([v for _, v in shards])[:, 0], np.arange(10))
 
 
 def test_tokenizer_fingerprint_ignores_the_last_calls_truncation(tokenizer):
@@ -250,10 +268,11 @@ def test_candidates_are_scored_in_batches_of_score_batch_size():
     def encode(self, texts, tower, batch_size=None, progress=None):
       sizes.append(batch_size)
       return np.ones((len(texts), 2), np.float32)
-  example = _colliding_examples()[0]
   records = [{"language": "ar", "query_id": "1", "source_docid": "25267#12", "text": "edited"}]
-  positive, negative, bm25 = rounds._score(RecordingEncoder(), records, {example.key: example}, " ", 7)
+  rows = batching.ExampleList(_colliding_examples())  # "1" in ar and en: only ar's row has a candidate
+  positive, negative, bm25, titles = rounds._score(RecordingEncoder(), records, rows, " ", 7)
   assert sizes == [7, 7, 7] and positive.tolist() == [2.0] and negative.tolist() == [2.0] and bm25 == [2.0]
+  assert titles == [""]
 
 
 def test_a_trained_tokenizer_is_not_reused_with_other_settings(tmp_path):

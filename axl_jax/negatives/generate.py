@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from axl_jax import data, io
+from axl_jax import batching, data, hub, io, prepared
 from axl_jax.negatives import checks, prompts, rules
 
 FLAGS = flags.FLAGS
@@ -59,14 +59,23 @@ def work_items(config) -> list[dict]:
 
 
 class RulesBackend:
+  """Rule-based rewrites; entity substitution swaps a title found in the text for another corpus title.
+
+  The titles are those of at most ``TITLE_SAMPLE`` passages per language (all of a small corpus), drawn
+  by index from the prepared corpus: a Mr.TyDi corpus is never read whole.
+  """
   model_id = "rules"
+  TITLE_SAMPLE = 16384
 
   def __init__(self, config):
     self.seed = config.generator.seed
     self.titles = {}
+    store = prepared.Store(config.data.prepared_dir)
     for language in dict.fromkeys(language for language, _ in _source_specs(config)):
-      corpus = data.read_corpus(data.expand_spec(config.data.corpus, config.data.root, language))
-      self.titles[language] = sorted({p.title for p in corpus if p.title})
+      corpus = store.corpus(prepared.corpus_spec(config, language), language)
+      count = min(len(corpus), self.TITLE_SAMPLE)
+      sample = batching.permute([self.seed, zlib.crc32(language.encode())], np.arange(count), len(corpus))
+      self.titles[language] = sorted({p.title for p in corpus.passages(np.sort(sample)) if p.title})
 
   def rewrite(self, items: list[dict]) -> list[tuple[str | None, int]]:
     results = []
@@ -120,12 +129,17 @@ def _fingerprint(config, num_items: int) -> str:
       "prompt_version": prompts.PROMPT_VERSION, "num_items": num_items,
       "rows": [[language, data.spec_identity(spec)] for language, spec in _source_specs(config)],
       "corpus": [data.spec_identity(data.expand_spec(config.data.corpus, config.data.root, language))
-                 for language, _ in _source_specs(config)] if config.generator.backend == "rules" else []}
+                 for language, _ in _source_specs(config)] if config.generator.backend == "rules" else [],
+      "title_sample": RulesBackend.TITLE_SAMPLE if config.generator.backend == "rules" else 0}
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run(config, output: str) -> dict:
   """Generates every missing shard; returns the manifest."""
+  hub.configure(config)
+  if not config.data.prepared_dir:  # Standalone: the rules backend's prepared corpora live beside the output.
+    config = config.copy_and_resolve_references()
+    config.data.prepared_dir = os.path.join(output, "prepared")
   items = work_items(config)
   shard_size = config.generator.shard_size
   num_shards = max(1, -(-len(items) // shard_size))

@@ -11,7 +11,9 @@ import os
 
 import numpy as np
 
-from axl_jax import bm25, checkpoints, data, embeddings, io, metrics, search
+from absl import logging
+
+from axl_jax import bm25, checkpoints, data, embeddings, io, metrics, prepared, search
 from axl_jax.stages import StageResult, training
 
 EXPENSIVE = False
@@ -48,12 +50,16 @@ def _data_specs(config, language: str, split: str) -> dict:
 def fingerprint_fields(config, name):
   evaluate = config.evaluate
   fields = {f"evaluate.{k}": evaluate[k] for k in ("split", "depth", "index", "ivf_lists", "hnsw_neighbors", "bm25",
-                                                   "also_checkpoints")}
+                                                   "bm25_max_passages", "bm25_run", "also_checkpoints",
+                                                   "embedding_dtype")}
   if evaluate.checkpoint:
     fields["evaluate.checkpoint"] = checkpoints.digest(evaluate.checkpoint)
   fields["data"] = {language: {kind: data.spec_identity(spec) for kind, spec in
                                _data_specs(config, language, evaluate.split).items()}
                     for language in data.parse_languages(config.data.languages)}
+  bm25_runs = {language: _bm25_run_file(config, language, evaluate.split)
+               for language in data.parse_languages(config.data.languages)}
+  fields["bm25_runs"] = {language: data.spec_identity(path) for language, path in bm25_runs.items() if path}
   return fields
 
 
@@ -73,21 +79,24 @@ def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
   config = ctx.config
   results: dict[str, dict[str, dict]] = {}
   encoders = {name: embeddings.Encoder(checkpoint, config, ctx.tokenizer) for name, checkpoint in systems.items()}
+  store = prepared.store(config, ctx.workdir.root)
   for language in ctx.languages:
     specs = _data_specs(config, language, split)
-    queries = data.read_queries(specs["queries"])
+    queries = store.queries(specs["queries"], language)
     if "qrels" in specs:
       qrels, source = data.read_qrels(specs["qrels"]), specs["qrels"]
     else:
       qrels, source = data.qrels_from_queries(queries), specs["queries"]
-    corpus = data.read_corpus(specs["corpus"])
-    data.check_qrels(qrels, {p.docid for p in corpus}, source, qrels_file="qrels" in specs)
+    corpus = store.corpus(specs["corpus"], language)
+    judged = sorted({docid for judgements in qrels.values() for docid in judgements})
+    found = {docid for docid, index in zip(judged, corpus.index_of(judged)) if index >= 0}
+    data.check_qrels(qrels, found, source, qrels_file="qrels" in specs)
     query_ids = [q.query_id for q in queries]
     runs = {}
     if with_bm25:
-      runs["BM25"] = bm25.bm25_run([p.docid for p in corpus], [data.passage_text(p, " ") for p in corpus],
-                                   query_ids, [q.query for q in queries], config.evaluate.depth)
-    del corpus
+      bm25_results = _bm25(config, language, split, corpus, queries)
+      if bm25_results is not None:
+        runs["BM25"] = bm25_results
     for name, encoder in encoders.items():
       directory = embeddings.language_embeddings(ctx.workdir.root, encoder, language, [split])
       shard_ids, vectors = zip(*embeddings.load_shards(directory, f"queries-{split}"))
@@ -101,6 +110,29 @@ def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
       metrics.write_trec_run(run_file(out_dir, name, language, split), run, name)
       results.setdefault(name, {})[language] = metrics.evaluate_run(qrels, run)
   return results
+
+
+def _bm25(config, language: str, split: str, corpus, queries) -> dict | None:
+  """BM25's run: from the ``evaluate.bm25_run`` file where it exists, else bm25s on a corpus small enough."""
+  evaluate = config.evaluate
+  query_ids = [q.query_id for q in queries]
+  path = _bm25_run_file(config, language, split)
+  if path and os.path.exists(path):
+    wanted = set(query_ids)
+    return {qid: hits for qid, hits in metrics.read_trec_run(path).items() if qid in wanted}
+  if len(corpus) > evaluate.bm25_max_passages:
+    logging.warning("evaluate: no BM25 row for %s: %d passages exceed evaluate.bm25_max_passages=%d and there "
+                    "is no run file %r (evaluate.bm25_run)", language, len(corpus), evaluate.bm25_max_passages, path)
+    return None
+  docids, texts = [], []
+  for _, passages in corpus.chunks(65536):
+    docids += [p.docid for p in passages]
+    texts += [data.passage_text(p, " ") for p in passages]
+  return bm25.bm25_run(docids, texts, query_ids, [q.query for q in queries], evaluate.depth)
+
+
+def _bm25_run_file(config, language: str, split: str) -> str:
+  return data.expand_spec(config.evaluate.bm25_run, config.data.root, language, split) if config.evaluate.bm25_run else ""
 
 
 def run_file(out_dir: str, system: str, language: str, split: str) -> str:

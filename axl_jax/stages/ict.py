@@ -1,11 +1,12 @@
 """The ``ict`` stage: Inverse Cloze Task pretraining on the corpora of ``data.languages``.
 
-Pseudo pairs (a sentence as the query, the rest of its passage as the positive) are made on the fly,
-with in-batch negatives only (``ict.group_size`` 1).
+Pseudo pairs (a sentence as the query, the rest of its passage as the positive) are made on the fly from
+passages read by index from the prepared corpora (none is held in memory), with in-batch negatives only
+(``ict.group_size`` 1).
 """
 from __future__ import annotations
 
-from axl_jax import batching, data
+from axl_jax import batching, data, prepared
 from axl_jax.stages import training
 
 EXPENSIVE = True
@@ -35,8 +36,9 @@ def check_config(config, name):
 
 def run(ctx):
   config = ctx.config
-  passages = [(language, passage) for language, spec in _corpus_specs(config) for passage in data.read_corpus(spec)]
-  batches = batching.ICTBatches(passages, ctx.tokenizer, training.batch_shape(config, config.ict), config.seed,
+  store = prepared.store(config, ctx.workdir.root)
+  corpora = [(language, store.corpus(spec, language)) for language, spec in _corpus_specs(config)]
+  batches = batching.ICTBatches(corpora, ctx.tokenizer, training.batch_shape(config, config.ict), config.seed,
                                 config.data.query_max_length, config.data.passage_max_length,
                                 config.data.title_separator, config.ict.remove_sentence_prob,
                                 config.ict.min_sentence_chars)

@@ -26,13 +26,15 @@ import sys
 import numpy as np
 from absl import logging
 
-from axl_jax import adversarial, data, embeddings, io, trainer
+from axl_jax import adversarial, data, embeddings, io, prepared, trainer
 from axl_jax.negatives import prompts
 from axl_jax.negatives.records import read_records
 from axl_jax.stages import StageResult, evaluate, training
 
 EXPENSIVE = True
 # Generator fields that decide its output (shard_size too: a round resumes the generator's shards).
+# Bumped when decisions.jsonl gains fields: decisions of an older format are made again.
+_DECISIONS_FORMAT = 2
 _GENERATOR_FIELDS = ("backend", "checkpoint", "dtype", "batch_size", "max_new_tokens", "temperature", "top_p",
                      "seed", "techniques", "max_queries_per_language", "shard_size")
 
@@ -91,6 +93,7 @@ def _generate(ctx) -> list[dict]:
   # The round trains on finetune's rows, so it generates for exactly those.
   config.generator.languages = ctx.config.finetune.languages
   config.generator.train_data = ""
+  config.data.prepared_dir = prepared.store(ctx.config, ctx.workdir.root).root  # the run's prepared corpora
   config_path = os.path.join(ctx.stage_dir, "generator_config.json")
   io.write_json(config_path, json.loads(config.to_json_best_effort()))
   output = os.path.join(ctx.stage_dir, "negatives")
@@ -100,36 +103,44 @@ def _generate(ctx) -> list[dict]:
   return read_records(output)
 
 
-def _score(encoder: embeddings.Encoder, records: list[dict], examples: dict[tuple[str, str], data.TrainExample],
-           title_separator: str, batch_size: int):
-  """s(q, pos), s(q, neg) and the best BM25 negative's score for every record."""
+def _score(encoder: embeddings.Encoder, records: list[dict], rows, title_separator: str, batch_size: int):
+  """s(q, pos), s(q, neg), the best BM25 negative's score and the positive's title for every record.
+
+  The training rows are read a chunk at a time (only those with candidates are encoded), so memory holds
+  one chunk's texts and vectors, never the whole training set.
+  """
   encode = lambda texts, tower: encoder.encode(texts, tower, batch_size)
-  query_keys = sorted({(r["language"], r["query_id"]) for r in records})
-  query_vectors = dict(zip(query_keys, encode([examples[k].query for k in query_keys], "query")))
-  passages = {}
-  for key in query_keys:
-    for passage in examples[key].positives + examples[key].negatives:
-      passages.setdefault((key[0], passage.docid), data.passage_text(passage, title_separator))
-  passage_keys = sorted(passages)
-  passage_vectors = dict(zip(passage_keys, encode([passages[k] for k in passage_keys], "passage")))
-  negative_texts = [data.passage_text(data.Passage("", _title(examples, r), r["text"]), title_separator)
-                    for r in records]
-  negative_vectors = encode(negative_texts, "passage") if records else np.zeros((0, 1))
-  positive, negative, bm25_best = [], [], []
-  for record, vector in zip(records, negative_vectors):
-    key = (record["language"], record["query_id"])
-    query = query_vectors[key]
-    positive.append(float(query @ passage_vectors[(key[0], record["source_docid"])]))
-    negative.append(float(query @ vector))
-    bm25 = [float(query @ passage_vectors[(key[0], p.docid)]) for p in examples[key].negatives]
-    bm25_best.append(max(bm25) if bm25 else None)
-  return np.asarray(positive), np.asarray(negative), bm25_best
+  slots: dict[tuple[str, str], list[int]] = {}
+  for slot, record in enumerate(records):
+    slots.setdefault((record["language"], record["query_id"]), []).append(slot)
+  positive, negative = np.zeros(len(records)), np.zeros(len(records))
+  bm25_best: list = [None] * len(records)
+  titles = [""] * len(records)
+  for chunk in _chunks(rows, 4096):
+    examples = [e for e in chunk if e.key in slots]
+    if not examples:
+      continue
+    query_vectors = dict(zip([e.key for e in examples], encode([e.query for e in examples], "query")))
+    passages = {(e.language, p.docid): p for e in examples for p in e.positives + e.negatives}
+    passage_vectors = dict(zip(passages, encode([data.passage_text(p, title_separator) for p in passages.values()],
+                                                "passage")))
+    mine = [(example, slot) for example in examples for slot in slots[example.key]]
+    for example, slot in mine:
+      titles[slot] = next((p.title for p in example.positives if p.docid == records[slot]["source_docid"]), "")
+    candidates = encode([data.passage_text(data.Passage("", titles[slot], records[slot]["text"]), title_separator)
+                         for _, slot in mine], "passage")
+    for (example, slot), vector in zip(mine, candidates):
+      query = query_vectors[example.key]
+      positive[slot] = float(query @ passage_vectors[(example.language, records[slot]["source_docid"])])
+      negative[slot] = float(query @ vector)
+      bm25 = [float(query @ passage_vectors[(example.language, p.docid)]) for p in example.negatives]
+      bm25_best[slot] = max(bm25) if bm25 else None
+  return positive, negative, bm25_best, titles
 
 
-def _title(examples, record) -> str:
-  """The title of the positive a candidate was rewritten from (the candidate keeps it)."""
-  example = examples[(record["language"], record["query_id"])]
-  return next((p.title for p in example.positives if p.docid == record["source_docid"]), "")
+def _chunks(rows, size: int):
+  for start in range(0, len(rows), size):
+    yield rows.examples(range(start, min(start + size, len(rows))))
 
 
 def _statistics(records_all: list[dict], records: list[dict], decisions: list[dict]) -> dict:
@@ -156,26 +167,26 @@ def _statistics(records_all: list[dict], records: list[dict], decisions: list[di
   return stats
 
 
-def _decisions(ctx, encoder, records, examples) -> list[dict]:
+def _decisions(ctx, encoder, records, rows) -> list[dict]:
   """Scores and filter decisions of ``records``; reused from an interrupted run only if made the same way."""
   config = ctx.config
   filter_fields = {k: config.adversarial[k] for k in ("keep_fraction", "selection", "guard", "guard_margin")}
-  key = hashlib.sha256(json.dumps([filter_fields, config.seed + number(ctx.name), encoder.key,
+  key = hashlib.sha256(json.dumps([_DECISIONS_FORMAT, filter_fields, config.seed + number(ctx.name), encoder.key,
                                    [[r["language"], r["query_id"], r["technique"], r["text"]] for r in records]],
                                   sort_keys=True).encode()).hexdigest()[:16]
   path, key_path = decisions_path(ctx.workdir, ctx.name), os.path.join(ctx.stage_dir, "decisions.key.json")
   if os.path.exists(path) and os.path.exists(key_path) and io.read_json(key_path).get("key") == key:
     return io.read_jsonl(path)  # A resumed round does not score again.
-  positive, negative, bm25_best = _score(encoder, records, examples, config.data.title_separator,
-                                         config.adversarial.score_batch_size)
+  positive, negative, bm25_best, titles = _score(encoder, records, rows, config.data.title_separator,
+                                                 config.adversarial.score_batch_size)
   decisions = adversarial.filter_decisions(
       positive, negative, [r["language"] for r in records], keep_fraction=config.adversarial.keep_fraction,
       selection=config.adversarial.selection, guard=config.adversarial.guard,
       guard_margin=config.adversarial.guard_margin, seed=config.seed + number(ctx.name))
-  for decision, record, pos, neg, bm25 in zip(decisions, records, positive, negative, bm25_best):
+  for decision, record, pos, neg, bm25, title in zip(decisions, records, positive, negative, bm25_best, titles):
     decision.update(query_id=record["query_id"], technique=record["technique"], language=record["language"],
                     source_docid=record["source_docid"], score_positive=float(pos), score_negative=float(neg),
-                    score_best_bm25=bm25, text=record["text"])
+                    score_best_bm25=bm25, title=title, text=record["text"])
   io.write_jsonl(path, decisions)
   io.write_json(key_path, {"key": key, "filter": filter_fields, "scored_with": encoder.checkpoint,
                            "checkpoint_digest": encoder.digest})
@@ -199,21 +210,19 @@ def run(ctx) -> StageResult:
   config = ctx.config
   os.makedirs(ctx.stage_dir, exist_ok=True)
   start = _init_checkpoint(config, ctx.name) or ctx.workdir.checkpoints(ctx.inputs[0])
-  train_examples = data.read_training_rows(config, config.finetune)
-  examples = {e.key: e for e in train_examples}
+  rows = prepared.training_rows(config, config.finetune, prepared.store(config, ctx.workdir.root))
 
   records_all = _generate(ctx)
   records = [r for r in records_all if r["accepted"]]
-  decisions = _decisions(ctx, embeddings.Encoder(start, config, ctx.tokenizer), records, examples)
+  decisions = _decisions(ctx, embeddings.Encoder(start, config, ctx.tokenizer), records, rows)
 
   kept: dict[tuple[str, str], list[data.Passage]] = {}
   for index, (decision, record) in enumerate(zip(decisions, records)):
     if decision["kept"]:
       key = (record["language"], record["query_id"])
-      kept.setdefault(key, []).append(data.Passage(f"{ctx.name}-adv-{index}", _title(examples, record),
-                                                   record["text"]))
+      kept.setdefault(key, []).append(data.Passage(f"{ctx.name}-adv-{index}", decision["title"], record["text"]))
   stage_config = config.adversarial.train
-  batches = training.supervised_batches(ctx, stage_config, train_examples, config.seed + number(ctx.name),
+  batches = training.supervised_batches(ctx, stage_config, rows, config.seed + number(ctx.name),
                                         adversarial={k: tuple(p) for k, p in kept.items()},
                                         adversarial_per_group=config.adversarial.adversarial_per_group)
   result = training.train(ctx, stage_config, batches, _init_checkpoint(config, ctx.name))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 from absl import logging
 
-from axl_jax import batching, checkpoints, data, encoder, hf_checkpoint, trainer
+from axl_jax import batching, checkpoints, data, encoder, hf_checkpoint, prepared, trainer
 from axl_jax.stages import StageResult
 
 TRAINING_STAGES = ("ict", "pretrain", "finetune")
@@ -93,10 +93,10 @@ def batch_shape(config, stage_config) -> batching.BatchShape:
   return batching.batch_shape(config, stage_config, jax.process_index(), jax.process_count())
 
 
-def supervised_batches(ctx, stage_config, examples: list[data.TrainExample], seed: int,
-                       **adversarial) -> batching.SupervisedBatches:
+def supervised_batches(ctx, stage_config, rows, seed: int, **adversarial) -> batching.SupervisedBatches:
+  """Batches of ``rows`` (prepared rows, or a list of ``TrainExample``)."""
   config = ctx.config
-  return batching.SupervisedBatches(examples, ctx.tokenizer, batch_shape(config, stage_config), seed,
+  return batching.SupervisedBatches(rows, ctx.tokenizer, batch_shape(config, stage_config), seed,
                                     config.data.query_max_length, config.data.passage_max_length,
                                     config.data.title_separator, **adversarial)
 
@@ -128,8 +128,8 @@ def supervised_stage(section: str):
 
   def run(ctx):
     stage_config = ctx.config[section]
-    examples = data.read_training_rows(ctx.config, stage_config)
-    batches = supervised_batches(ctx, stage_config, examples, ctx.config.seed)
+    rows = prepared.training_rows(ctx.config, stage_config, prepared.store(ctx.config, ctx.workdir.root))
+    batches = supervised_batches(ctx, stage_config, rows, ctx.config.seed)
     return train(ctx, stage_config, batches, stage_config.init_checkpoint)
 
   return stage_inputs, fingerprint_fields, check_config, run

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from axl_jax import data, embeddings, io
+from axl_jax import data, embeddings, io, prepared
 from axl_jax.stages import StageResult, evaluate, round as rounds, training
 
 EXPENSIVE = False
@@ -45,20 +45,31 @@ def check_config(config, name):
   return training.rows_specs(config, config.finetune)
 
 
-def _sample(config, decisions: list[dict]) -> list[tuple[str, str, str]]:
-  """``(language, role, text)`` of the plotted points: queries with a kept adversarial negative first."""
+def _sample(config, rows, decisions: list[dict]) -> list[tuple[str, str, str]]:
+  """``(language, role, text)`` of the plotted points: queries with a kept adversarial negative first.
+
+  ``rows`` (prepared training rows) are scanned a chunk at a time; only the chosen queries' rows are kept.
+  """
   per_language = config.visualize.queries_per_language
-  examples = {e.key: e for e in data.read_training_rows(config, config.finetune)}
   adversarial = {}
   for decision in decisions:
     key = (decision["language"], decision["query_id"])
     if decision["kept"] or key not in adversarial:
       adversarial[key] = decision["text"]
   chosen: dict[str, list[tuple[str, str]]] = {}
-  for key in list(adversarial) + list(examples):
-    language = key[0]
-    if key not in chosen.setdefault(language, []) and len(chosen[language]) < per_language:
-      chosen[language].append(key)
+  for key in adversarial:
+    if len(chosen.setdefault(key[0], [])) < per_language:
+      chosen[key[0]].append(key)
+  wanted = {key for keys in chosen.values() for key in keys}
+  examples = {}
+  for start in range(0, len(rows), 4096):
+    for example in rows.examples(range(start, min(start + 4096, len(rows)))):
+      language = example.language
+      if example.key not in wanted and len(chosen.setdefault(language, [])) < per_language:
+        chosen[language].append(example.key)
+        wanted.add(example.key)
+      if example.key in wanted:
+        examples[example.key] = example
   points = []
   for language, keys in chosen.items():
     for key in keys:
@@ -108,7 +119,8 @@ def run(ctx) -> StageResult:
   models = {"before the adversarial rounds": before, "after the adversarial rounds": after} if before else {
       "final model": after}
 
-  points = _sample(config, decisions_by_round[rounds_done[-1]] if rounds_done else [])
+  rows = prepared.training_rows(config, config.finetune, prepared.store(config, workdir.root))
+  points = _sample(config, rows, decisions_by_round[rounds_done[-1]] if rounds_done else [])
   languages = [p[0] for p in points]
   roles = [p[1] for p in points]
   figure, axes = plt.subplots(len(models), 2, figsize=(12, 5.5 * len(models)), squeeze=False)
