@@ -93,11 +93,18 @@ def read_trec_run(path: str) -> dict[str, dict[str, float]]:
         continue
       if len(fields) < 6:
         raise ValueError(f"{path}:{number}: expected 'qid iter docid rank score tag', got {line!r}")
-      qid, docid = fields[0].decode("utf-8"), fields[2].decode("utf-8")
+      try:
+        qid, docid = fields[0].decode("utf-8"), fields[2].decode("utf-8")
+        score = float(fields[4])
+      except UnicodeDecodeError:
+        raise ValueError(f"{path}:{number}: field 1 (qid) or 3 (docid) is not UTF-8") from None
+      except ValueError:
+        raise ValueError(f"{path}:{number}: field 5 (score) must be a number, "
+                         f"got {fields[4].decode(errors='replace')!r}") from None
       hits = run.setdefault(qid, {})
       if docid in hits:
         raise ValueError(f"{path}:{number}: query {qid!r} lists document {docid!r} twice")
-      hits[docid] = float(fields[4])
+      hits[docid] = score
   return run
 
 

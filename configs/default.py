@@ -95,16 +95,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluate.split = "dev"               # query split: dev | test
   config.evaluate.checkpoint = ""             # evaluate this checkpoint dir ("" = the last trained stage)
   config.evaluate.depth = 100                 # hits kept per query
-  config.evaluate.index = "flat"              # flat (exact inner product) | ivf | hnsw
+  # flat (exact inner product) | ivf (IVF-PQ) | hnsw. Approximate indexes are built once per checkpoint and
+  # shard, saved beside its embeddings, and their Recall@depth against exact search is reported.
+  config.evaluate.index = "flat"
   config.evaluate.ivf_lists = 4096
+  config.evaluate.pq_subquantizers = 64       # PQ bytes per vector; 0 = IVF,Flat
+  config.evaluate.nprobe = 64                 # IVF lists searched per query
   config.evaluate.hnsw_neighbors = 32
+  config.evaluate.hnsw_ef_construction = 80
+  config.evaluate.hnsw_ef_search = 256
+  config.evaluate.recall_queries = 1000       # queries also searched exactly to measure an index's recall
   config.evaluate.encode_batch_size = 256
   config.evaluate.shard_size = 1000000        # passages per exported shard; FAISS searches shard by shard
   config.evaluate.embedding_dtype = "float16"  # corpus shards on disk (float32 doubles the size)
   config.evaluate.bm25 = True                 # report BM25 on the same data beside the dense model
-  # bm25s indexes a corpus in memory: above this many passages a language's BM25 row comes from
-  # evaluate.bm25_run instead (or is left out, with a warning).
-  config.evaluate.bm25_max_passages = 2000000
+  # bm25s holds its character-trigram index in memory (~72 KB a passage while indexing, bench/RESULTS.md):
+  # above this many passages a language's BM25 row comes from evaluate.bm25_run (or is left out, with a warning).
+  config.evaluate.bm25_max_passages = 500000
   config.evaluate.bm25_run = ""               # TREC run files of BM25 ({lang}, {lang_name}, {split} expand)
   config.evaluate.also_checkpoints = ""       # extra stages to evaluate for the table, e.g. "ict"
 

@@ -87,6 +87,28 @@ def test_exported_shards_load_with_numpy(finished_run):
   np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1.0, rtol=2e-3)
 
 
+def test_evaluate_with_an_index_and_bm25_run_files(finished_run, tmp_path):
+  """evaluate.index=hnsw reports the index's recall (shards this small are searched exactly: runs unchanged);
+  evaluate.bm25_run reads BM25 from TREC files (here the first run's own) with the same metrics."""
+  workdir, _ = finished_run
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  runs = os.path.join(workdir, "evaluate", "runs")
+  _main(copy, "--config.stages=evaluate", "--config.evaluate.index=hnsw",
+        f"--config.evaluate.bm25_run={runs}/BM25.{{lang}}.{{split}}.trec", "--config.evaluate.bm25_max_passages=0")
+  with open(os.path.join(workdir, "evaluate", "results.json")) as file:
+    before = json.load(file)
+  with open(os.path.join(copy, "evaluate", "results.json")) as file:
+    after = json.load(file)
+  for language in ("bn", "th"):
+    assert after["BM25"][language] == before["BM25"][language]
+    for system in ("ict", "finetune", "round_1"):
+      assert after[system][language]["index Recall@100 vs exact"] == 1.0
+      with open(os.path.join(runs, f"{system}.{language}.dev.trec")) as flat, \
+           open(os.path.join(copy, "evaluate", "runs", f"{system}.{language}.dev.trec")) as indexed:
+        assert flat.read() == indexed.read()
+
+
 def test_rerun_skips_completed_stages(finished_run):
   workdir, _ = finished_run
   result = _main(workdir)

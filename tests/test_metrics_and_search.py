@@ -1,10 +1,10 @@
-"""Metrics against hand-worked values and trec_eval's code on the run files written, FAISS shard merging
-against one exact search, BM25 sanity, the evaluation table against a hand count."""
+"""Metrics against hand-worked values and trec_eval's code on the run files written, the evaluation table
+against a hand count. Search and BM25 are tested in test_search.py."""
 import numpy as np
 import pytest
 import pytrec_eval
 
-from axl_jax import bm25, metrics, search
+from axl_jax import metrics
 
 
 def test_metrics_hand_worked():
@@ -19,37 +19,6 @@ def test_metrics_hand_worked():
   expected = (1 / np.log2(3) + 1 / (1 + 1 / np.log2(3))) / 3
   assert values["nDCG@10"] == pytest.approx(expected)
   assert values["queries"] == 3 and values["queries_without_hits"] == 1
-
-
-def test_shard_merge_equals_one_exact_search():
-  rng = np.random.default_rng(0)
-  corpus = rng.normal(size=(230, 8)).astype(np.float32)
-  queries = rng.normal(size=(5, 8)).astype(np.float32)
-  ids = [f"d{i}" for i in range(230)]
-  shards = [(ids[i:i + 50], corpus[i:i + 50]) for i in range(0, 230, 50)]
-  scores, docids = search.search_shards(queries, iter(shards), depth=20)
-  exact = queries @ corpus.T
-  for row in range(5):
-    order = np.argsort(-exact[row])[:20]
-    assert docids[row] == [ids[i] for i in order]
-    np.testing.assert_allclose(scores[row], exact[row][order], rtol=1e-5)
-
-
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_approximate_indexes_find_exact_neighbours_of_corpus_points(kind):
-  rng = np.random.default_rng(0)
-  corpus = rng.normal(size=(400, 16)).astype(np.float32)
-  corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
-  ids = [f"d{i}" for i in range(400)]
-  _, docids = search.search_shards(corpus[:10], [(ids, corpus)], depth=5, kind=kind, ivf_lists=4)
-  assert sum(row[0] == f"d{i}" for i, row in enumerate(docids)) >= 9
-
-
-def test_bm25_ranks_the_matching_passage_first_in_any_script():
-  passages = ["東京は日本の首都です", "大阪はたこ焼きで有名", "Paris is the capital of France"]
-  run = bm25.bm25_run(["ja1", "ja2", "fr"], passages, ["q1", "q2"], ["日本の首都はどこ", "capital of France"])
-  assert max(run["q1"], key=run["q1"].get) == "ja1"
-  assert max(run["q2"], key=run["q2"].get) == "fr"
 
 
 def test_trec_run_file(tmp_path):

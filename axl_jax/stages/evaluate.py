@@ -49,9 +49,10 @@ def _data_specs(config, language: str, split: str) -> dict:
 
 def fingerprint_fields(config, name):
   evaluate = config.evaluate
-  fields = {f"evaluate.{k}": evaluate[k] for k in ("split", "depth", "index", "ivf_lists", "hnsw_neighbors", "bm25",
-                                                   "bm25_max_passages", "bm25_run", "also_checkpoints",
-                                                   "embedding_dtype")}
+  fields = {f"evaluate.{k}": evaluate[k] for k in ("split", "depth", "index", "bm25", "bm25_max_passages", "bm25_run",
+                                                   "also_checkpoints", "embedding_dtype", "recall_queries")}
+  if evaluate.index != "flat":
+    fields["evaluate.index_options"] = _index_options(config)
   if evaluate.checkpoint:
     fields["evaluate.checkpoint"] = checkpoints.digest(evaluate.checkpoint)
   fields["data"] = {language: {kind: data.spec_identity(spec) for kind, spec in
@@ -64,8 +65,9 @@ def fingerprint_fields(config, name):
 
 
 def check_config(config, name):
-  if config.evaluate.index not in ("flat", "ivf", "hnsw"):
-    raise ValueError("config: evaluate.index must be flat, ivf or hnsw")
+  if config.evaluate.index not in search.KINDS:
+    raise ValueError(f"config: evaluate.index must be one of {', '.join(search.KINDS)}")
+  search.IndexOptions(**_index_options(config))  # a bad option value fails at launch
   return [spec for language in data.parse_languages(config.data.languages)
           for spec in _data_specs(config, language, config.evaluate.split).values()]
 
@@ -92,7 +94,7 @@ def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
     found = {docid for docid, index in zip(judged, corpus.index_of(judged)) if index >= 0}
     data.check_qrels(qrels, found, source, qrels_file="qrels" in specs)
     query_ids = [q.query_id for q in queries]
-    runs = {}
+    runs, index_recall = {}, {}
     if with_bm25:
       bm25_results = _bm25(config, language, split, corpus, queries)
       if bm25_results is not None:
@@ -101,14 +103,19 @@ def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
       directory = embeddings.language_embeddings(ctx.workdir.root, encoder, language, [split])
       shard_ids, vectors = zip(*embeddings.load_shards(directory, f"queries-{split}"))
       vectors = dict(zip([i for ids in shard_ids for i in ids], np.concatenate(vectors)))
-      scores, docids = search.search_shards(
+      # An approximate index is built once per checkpoint and shard, beside the shards it indexes.
+      scores, docids, index_recall[name] = search.search_shards_with_recall(
           np.stack([vectors[q] for q in query_ids]), embeddings.load_shards(directory, "corpus"),
-          config.evaluate.depth, config.evaluate.index, ivf_lists=config.evaluate.ivf_lists,
-          hnsw_neighbors=config.evaluate.hnsw_neighbors)
+          config.evaluate.depth, config.evaluate.index, os.path.join(directory, "indexes"),
+          config.evaluate.recall_queries, **_index_options(config))
       runs[name] = search.to_run(query_ids, scores, docids)
     for name, run in runs.items():
       metrics.write_trec_run(run_file(out_dir, name, language, split), run, name)
       results.setdefault(name, {})[language] = metrics.evaluate_run(qrels, run)
+      if index_recall.get(name) is not None:
+        results[name][language][f"index Recall@{config.evaluate.depth} vs exact"] = index_recall[name]
+        logging.info("evaluate: %s %s: the %s index finds %.3f of exact search's top %d", name, language,
+                     config.evaluate.index, index_recall[name], config.evaluate.depth)
   return results
 
 
@@ -118,9 +125,8 @@ def _bm25(config, language: str, split: str, corpus, queries) -> dict | None:
   query_ids = [q.query_id for q in queries]
   path = _bm25_run_file(config, language, split)
   if path and os.path.exists(path):
-    wanted = set(query_ids)
-    return {qid: hits for qid, hits in metrics.read_trec_run(path).items() if qid in wanted}
-  if len(corpus) > evaluate.bm25_max_passages:
+    return bm25.read_run_file(path, query_ids, evaluate.depth)
+  if not bm25.bm25s_feasible(len(corpus), evaluate.bm25_max_passages):
     logging.warning("evaluate: no BM25 row for %s: %d passages exceed evaluate.bm25_max_passages=%d and there "
                     "is no run file %r (evaluate.bm25_run)", language, len(corpus), evaluate.bm25_max_passages, path)
     return None
@@ -129,6 +135,12 @@ def _bm25(config, language: str, split: str, corpus, queries) -> dict | None:
     docids += [p.docid for p in passages]
     texts += [data.passage_text(p, " ") for p in passages]
   return bm25.bm25_run(docids, texts, query_ids, [q.query for q in queries], evaluate.depth)
+
+
+def _index_options(config) -> dict:
+  evaluate = config.evaluate
+  return {k: evaluate[k] for k in ("ivf_lists", "pq_subquantizers", "nprobe", "hnsw_neighbors",
+                                   "hnsw_ef_construction", "hnsw_ef_search")}
 
 
 def _bm25_run_file(config, language: str, split: str) -> str:
