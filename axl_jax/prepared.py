@@ -22,9 +22,11 @@ Bad rows fail the prepare with ``data.DataError`` naming the file, the line and 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
+import io as io_
 import json
 import os
 import shutil
@@ -356,7 +358,8 @@ def prepare(kind: str, spec: str, language: str, directory: str) -> dict:
     examples = _query_examples(spec)
   logging.info("preparing %s %s from %s", kind, language or "all", spec)
   try:
-    _builder(kind, language, partial, examples).download_and_prepare()
+    with contextlib.redirect_stdout(io_.StringIO()):  # TFDS prints a banner per dataset; the log says enough.
+      _builder(kind, language, partial, examples).download_and_prepare()
     builder_dir = os.path.join(partial, f"axl_{kind}", language or "all", _VERSION)
     count = len(_tfds().builder_from_directory(builder_dir).as_data_source(split="train"))
     manifest = {"kind": kind, "language": language, "format": FORMAT, "spec": spec,

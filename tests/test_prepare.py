@@ -121,3 +121,15 @@ def test_hub_specs_map_to_the_raw_files_of_the_loading_scripts():
   assert hub.raw_file("hf:castorini/mr-tydi:swahili:test") == ("castorini/mr-tydi", "mrtydi-v1.1-swahili/test.jsonl.gz")
   assert hub.raw_file("hf:Tevatron/msmarco-passage::train") == ("Tevatron/msmarco-passage", "train.jsonl.gz")
   assert hub.raw_file("hf:someone/parquet-set::train") is None
+
+
+def test_prepare_command_prints_what_it_prepared(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  result = subprocess.run(
+      [sys.executable, "-m", "axl_jax.prepare", "--config=configs/demo.py", f"--workdir={tmp_path}",
+       "--config.data.languages=bn,th", "--config.finetune.languages=bn,th", "--config.stages=finetune,evaluate"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| corpus | bn | 117 | 0 |" in result.stdout and "| train | th |" in result.stdout
+  manifests = json.load(open(tmp_path / "prepared" / "prepared.json"))
+  assert sorted({m["kind"] for m in manifests}) == ["corpus", "queries", "train"] and len(manifests) == 6
