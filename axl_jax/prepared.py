@@ -190,10 +190,12 @@ class ConcatRows:
         result[slot] = example
     return result
 
-  def __iter__(self) -> Iterator[TrainExample]:
-    for part in self.parts:
-      for start in range(0, len(part), 4096):
-        yield from part.examples(range(start, min(start + 4096, len(part))))
+
+
+def example_chunks(rows, size: int = 4096) -> Iterator[list[TrainExample]]:
+  """Consecutive training rows ``size`` at a time, from anything with ``len()`` and ``examples(indices)``."""
+  for start in range(0, len(rows), size):
+    yield rows.examples(range(start, min(start + size, len(rows))))
 
 
 def read_query_set(dataset: Dataset) -> list[Query]:

@@ -116,7 +116,7 @@ def _score(encoder: embeddings.Encoder, records: list[dict], rows, title_separat
   positive, negative = np.zeros(len(records)), np.zeros(len(records))
   bm25_best: list = [None] * len(records)
   titles = [""] * len(records)
-  for chunk in _chunks(rows, 4096):
+  for chunk in prepared.example_chunks(rows):
     examples = [e for e in chunk if e.key in slots]
     if not examples:
       continue
@@ -136,11 +136,6 @@ def _score(encoder: embeddings.Encoder, records: list[dict], rows, title_separat
       bm25 = [float(query @ passage_vectors[(example.language, p.docid)]) for p in example.negatives]
       bm25_best[slot] = max(bm25) if bm25 else None
   return positive, negative, bm25_best, titles
-
-
-def _chunks(rows, size: int):
-  for start in range(0, len(rows), size):
-    yield rows.examples(range(start, min(start + size, len(rows))))
 
 
 def _statistics(records_all: list[dict], records: list[dict], decisions: list[dict]) -> dict:

@@ -62,8 +62,8 @@ def _sample(config, rows, decisions: list[dict]) -> list[tuple[str, str, str]]:
       chosen[key[0]].append(key)
   wanted = {key for keys in chosen.values() for key in keys}
   examples = {}
-  for start in range(0, len(rows), 4096):
-    for example in rows.examples(range(start, min(start + 4096, len(rows)))):
+  for chunk in prepared.example_chunks(rows):
+    for example in chunk:
       language = example.language
       if example.key not in wanted and len(chosen.setdefault(language, [])) < per_language:
         chosen[language].append(example.key)
