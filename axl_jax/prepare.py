@@ -20,8 +20,6 @@ from ml_collections import config_flags
 
 from axl_jax import data, hub, io, pipeline, prepared
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Launch config (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "The run's directory; its prepared/ holds the data unless data.prepared_dir.")
 FLAGS = flags.FLAGS
 
 
@@ -97,12 +95,15 @@ def table(manifests: list[dict]) -> str:
 
 def main(argv):
   del argv
-  if not FLAGS.workdir and not _CONFIG.value.data.prepared_dir:
+  if not FLAGS.workdir and not FLAGS.config.data.prepared_dir:
     raise app.UsageError("--workdir (or --config.data.prepared_dir) is required")
-  manifests = prepare_all(_CONFIG.value, FLAGS.workdir or "")
+  manifests = prepare_all(FLAGS.config, FLAGS.workdir or "")
   print(table(manifests), flush=True)
   logging.info("prepared %d data sets", len(manifests))
 
 
 if __name__ == "__main__":
+  # Defined only when run as a command: the library part is imported beside other modules' --config flags.
+  config_flags.DEFINE_config_file("config", None, "Launch config (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "The run's directory; its prepared/ holds the data unless data.prepared_dir.")
   app.run(main)
