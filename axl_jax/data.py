@@ -318,11 +318,6 @@ def training_specs(config, stage_config) -> list[tuple[str, str]]:
           for language in languages]
 
 
-def read_training_rows(config, stage_config) -> list[TrainExample]:
-  return [example for language, spec in training_specs(config, stage_config)
-          for example in read_train(spec, language)]
-
-
 _FULL_HASH_BYTES, _SAMPLE_BLOCKS = 64 << 20, 16
 
 

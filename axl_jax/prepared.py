@@ -218,6 +218,8 @@ class Store:
   """Prepared datasets under ``root``, prepared from their source spec on first use."""
 
   def __init__(self, root: str):
+    if not root:
+      raise ValueError("prepared data needs a directory (data.prepared_dir, or the run's workdir)")
     self.root = root
 
   def directory(self, kind: str, spec: str, language: str) -> str:

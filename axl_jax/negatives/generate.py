@@ -45,11 +45,11 @@ def work_items(config) -> list[dict]:
     if technique not in prompts.TECHNIQUES:
       raise ValueError(f"config field generator.techniques: unknown technique {technique!r}")
   items = []
+  store = prepared.Store(config.data.prepared_dir)
   for language, spec in _source_specs(config):
-    examples = data.read_train(spec, language)
-    if generator.max_queries_per_language:
-      examples = examples[:generator.max_queries_per_language]
-    for example in examples:
+    rows = store.rows(spec, language)
+    count = min(len(rows), generator.max_queries_per_language or len(rows))
+    for example in rows.examples(range(count)):
       positive = example.positives[0]
       for technique in techniques:
         items.append({"query_id": example.query_id, "query": example.query, "language": language,
