@@ -42,7 +42,18 @@ def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+def _global(tree):
+  """The pmapped step's outputs are replicated over this process's devices only; orbax saves arrays of
+  the global mesh, so in a multi-process run each leaf is placed on it (every process holds the same values)."""
+  if jax.process_count() == 1:
+    return tree
+  sharding = replicated_sharding()
+  return jax.tree.map(lambda leaf: jax.device_put(np.asarray(leaf), sharding) if isinstance(leaf, jax.Array)
+                      else leaf, tree)
+
+
 def save(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict):
+  params, opt_state = _global(params), _global(opt_state)
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
       meta=ocp.args.JsonSave(meta)), force=True)

@@ -11,6 +11,11 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, embedd
 config_flags.DEFINE_config_file("config", None, "Launch config (a Python file with get_config()).",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
+# A run over several processes (hosts): the same command on every one of them. Cloud TPU slices and SLURM
+# jobs of several tasks are detected without these.
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for a multi-process run.")
+flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
 
 
 def main(argv):
@@ -23,12 +28,14 @@ def main(argv):
   # clu's writers import TensorFlow; keep it off the accelerators JAX uses (as the Flax examples do).
   import tensorflow as tf
   tf.config.experimental.set_visible_devices([], "GPU")
-  # Orbax logs every save and restore at INFO; keep its warnings, drop the chatter.
+  # Orbax logs every save and restore, TFDS every dataset it opens, at INFO; keep their warnings only.
   logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname)
+      lambda record: record.levelno >= logging.converter.STANDARD_WARNING
+      or not any(part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/")))
   import jax
   import sys
-  from axl_jax import data, pipeline
+  from axl_jax import data, distributed, pipeline
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from axl_jax.stages import evaluate
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())

@@ -48,8 +48,14 @@ def create_optimizer(stage_config) -> optax.GradientTransformation:
   parts = []
   if stage_config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(stage_config.grad_clip_norm))
-  parts.append(optax.adamw(create_learning_rate_fn(stage_config), weight_decay=stage_config.weight_decay,
-                           mask=_decay_mask))
+  optimizer = stage_config.get("optimizer", "adamw")
+  if optimizer == "sgd":  # plain SGD: a gradient off by a factor shows in the parameters
+    parts.append(optax.sgd(create_learning_rate_fn(stage_config)))
+  elif optimizer == "adamw":
+    parts.append(optax.adamw(create_learning_rate_fn(stage_config), weight_decay=stage_config.weight_decay,
+                             mask=_decay_mask))
+  else:
+    raise ValueError(f"config: optimizer must be adamw or sgd, got {optimizer!r}")
   return optax.chain(*parts)
 
 

@@ -13,7 +13,8 @@ def train_stage(rows: bool = True, **overrides) -> ml_collections.ConfigDict:
   stage.num_steps = 1000           # optimiser steps
   stage.batch_size = 32            # queries per step, over all devices of all hosts
   stage.group_size = 8             # passages per query: 1 positive + (group_size - 1) hard negatives
-  stage.learning_rate = 2e-5       # peak AdamW learning rate
+  stage.optimizer = "adamw"        # adamw | sgd
+  stage.learning_rate = 2e-5       # peak learning rate
   stage.warmup_steps = 100         # linear warmup, then linear decay to zero
   stage.weight_decay = 0.01        # AdamW decay; never applied to biases and LayerNorm
   stage.grad_clip_norm = 1.0       # global-norm clipping; 0 = off

@@ -15,7 +15,9 @@ for variant in full no_filter random no_guard; do
   for stage in tokenizer ict pretrain finetune; do
     [ -e "$workdir/$stage" ] || cp -r "$DEMO/$stage" "$workdir/$stage"
   done
-  .venv/bin/python -m axl_jax.main --config="configs/ablations.py:$variant" --workdir="$workdir"
+  # The demo's prepared data sets serve every variant (they are keyed by their source files' content).
+  .venv/bin/python -m axl_jax.main --config="configs/ablations.py:$variant" --workdir="$workdir" \
+      --config.data.prepared_dir="$DEMO/prepared"
 done
 .venv/bin/python - <<'PY'
 import json

@@ -40,6 +40,8 @@ def inputs(config, name: str, available, init_checkpoint: str) -> list[str]:
 def stage_fields(prefix: str, stage_config, init_checkpoint: str) -> dict:
   """The stage config's fields that decide the trained parameters, and where it starts from."""
   fields = {f"{prefix}.{k}": v for k, v in stage_config.to_dict().items() if k not in _COSMETIC}
+  if fields.get(f"{prefix}.optimizer") == "adamw":  # The default, and all there was before the field: stages
+    del fields[f"{prefix}.optimizer"]                # trained before it existed keep their fingerprints.
   if init_checkpoint:  # By content: the same parameters moved elsewhere are the same start.
     fields[f"{prefix}.init_checkpoint"] = checkpoints.digest(init_checkpoint)
   return fields
