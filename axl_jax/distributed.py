@@ -39,3 +39,11 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   logging.info("jax.distributed: process %d of %d, %d local of %d devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def barrier(label: str) -> None:
+  """Waits until every process of the run reaches ``label`` (nothing to wait for in a single process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(label)

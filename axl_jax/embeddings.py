@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from axl_jax import checkpoints, data, io, prepared, tokenization
+from axl_jax import checkpoints, data, distributed, io, prepared, tokenization
 from axl_jax.batching import bucket_length, pad, passage_buckets, query_buckets
 from axl_jax.encoder import BiEncoder
 from axl_jax.tokenization import tokenize
@@ -45,9 +45,10 @@ def encode_texts(params, model_config, tokenizer, texts: list[str], tower: str, 
   advances by one per text.
   """
   encode = _encode_fn(json.dumps(model_config.to_dict(), sort_keys=True), tower)
-  num_devices = jax.device_count()
+  # This process's devices only: in a multi-process run every process encodes texts of its own.
+  num_devices = jax.local_device_count()
   batch_size = max(num_devices, batch_size - batch_size % num_devices)
-  sharding = jax.sharding.NamedSharding(checkpoints.replicated_sharding().mesh, jax.sharding.PartitionSpec("batch"))
+  sharding = jax.sharding.NamedSharding(local_mesh(), jax.sharding.PartitionSpec("batch"))
   tokens = tokenize(tokenizer, texts, max_length)
   order = np.argsort([len(t) for t in tokens], kind="stable")
   output = None
@@ -65,12 +66,25 @@ def encode_texts(params, model_config, tokenizer, texts: list[str], tower: str, 
   return output if output is not None else np.zeros((0, 0), np.float32)
 
 
+def local_mesh() -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
+
+
+def to_local_devices(params):
+  """Parameters replicated over the global mesh, replicated over this process's devices instead."""
+  if jax.process_count() == 1:
+    return params
+  sharding = jax.sharding.NamedSharding(local_mesh(), jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda leaf: jax.device_put(np.asarray(leaf.addressable_data(0)), sharding), params)
+
+
 class Encoder:
   """A checkpoint's query and passage towers, restored once, with the run's tokenizer and lengths."""
 
   def __init__(self, checkpoint: str, config, tokenizer):
     self.checkpoint, self.config, self.tokenizer = checkpoint, config, tokenizer
-    self.params, self.model_config = checkpoints.restore_params(checkpoint, config.model)
+    params, self.model_config = checkpoints.restore_params(checkpoint, config.model)
+    self.params = to_local_devices(params)
     self.digest = checkpoints.digest(checkpoint)
 
   def encode(self, texts: list[str], tower: str, batch_size: int | None = None, progress=None) -> np.ndarray:
@@ -106,20 +120,24 @@ def export_shards(directory: str, name: str, count: int, read, encode, shard_siz
   os.makedirs(directory, exist_ok=True)
   key = [manifest["key"], shard_size, count]
   progress_path = os.path.join(directory, f"{name}.progress.json")
-  if os.path.exists(progress_path) and io.read_json(progress_path).get("key") != key:
-    for stale in os.listdir(directory):  # Another checkpoint's or another setting's shards: never mix them.
-      if stale.startswith(name + "."):
-        os.remove(os.path.join(directory, stale))
   finished = _finished(directory, name, manifest["key"], shard_size)
   if finished is not None and finished["count"] == count:
     return finished
-  io.write_json(progress_path, {"key": key})
+  process, processes = jax.process_index(), jax.process_count()
+  if process == 0:
+    if os.path.exists(progress_path) and io.read_json(progress_path).get("key") != key:
+      for stale in os.listdir(directory):  # Another checkpoint's or another setting's shards: never mix them.
+        if stale.startswith(name + "."):
+          os.remove(os.path.join(directory, stale))
+    io.write_json(progress_path, {"key": key})
+  distributed.barrier(f"{directory}/{name} cleared")
   shards = []
   progress = tqdm(total=count, desc=description or name, unit="text", leave=False)
   for index, start in enumerate(range(0, max(count, 1), shard_size)):
     stop = min(start + shard_size, count)
     stem = os.path.join(directory, f"{name}.{index:05d}")
-    if not (os.path.exists(stem + ".npy") and os.path.exists(stem + ".ids.txt")):
+    # Shards are dealt out to the processes in turn; each writes its own, and resumes them on its own.
+    if index % processes == process and not (os.path.exists(stem + ".npy") and os.path.exists(stem + ".ids.txt")):
       _write_shard(stem, start, stop, read, encode, np.dtype(dtype), chunk_size, progress)
     else:
       progress.update(stop - start)
@@ -127,8 +145,12 @@ def export_shards(directory: str, name: str, count: int, read, encode, shard_siz
                    "count": stop - start})
   progress.close()
   manifest = dict(manifest, name=name, count=count, dtype=dtype, shards=shards)
-  io.write_json(shards_manifest_path(directory, name), manifest)
+  distributed.barrier(f"{directory}/{name} encoded")  # every process's shards are on disk
+  if process == 0:
+    io.write_json(shards_manifest_path(directory, name), manifest)
+  distributed.barrier(f"{directory}/{name} listed")
   return manifest
+
 
 
 def _write_shard(stem: str, start: int, stop: int, read, encode, dtype: np.dtype, chunk_size: int, progress):

@@ -34,7 +34,7 @@ from types import ModuleType
 import jax
 from absl import logging
 
-from axl_jax import data, hf_checkpoint, hub, io, prepared, stages, tokenization
+from axl_jax import data, distributed, hf_checkpoint, hub, io, prepared, stages, tokenization
 
 def stage_module(name: str) -> ModuleType | None:
   """The module of stage ``name`` (``round_3`` -> ``axl_jax.stages.round``), or None for an unknown name."""
@@ -85,28 +85,22 @@ class Workdir:
     if jax.process_index() == 0:
       io.write_json(os.path.join(self.stage_dir(name), "fingerprint.json"),
                     {"fingerprint": fingerprint, "fields": fields, "inputs": inputs})
-    _barrier(f"{name} starts")
+    distributed.barrier(f"{name} starts")
 
   def complete(self, name: str, manifest: dict):
     """Once every process has finished the stage, writes the manifest and ``COMPLETE`` (process 0); no
     process goes on before they are written."""
-    _barrier(f"{name} finished")
+    distributed.barrier(f"{name} finished")
     if jax.process_index() == 0:
       io.write_json(os.path.join(self.stage_dir(name), "manifest.json"), manifest)
       io.write_text(os.path.join(self.stage_dir(name), "COMPLETE"), manifest["finished"] + "\n")
     # No process may start the next stage before this one is marked complete for all of them.
-    _barrier(f"{name} complete")
+    distributed.barrier(f"{name} complete")
 
   def discard(self, name: str):
     if jax.process_index() == 0:
       shutil.rmtree(self.stage_dir(name), ignore_errors=True)
-    _barrier(f"{name} discarded")
-
-
-def _barrier(label: str):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(label)
+    distributed.barrier(f"{name} discarded")
 
 
 @dataclasses.dataclass

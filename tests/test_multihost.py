@@ -11,7 +11,7 @@ from tests.helpers import REPO, tiny_model_config
 
 WORKER = r'''
 import sys
-coordinator, num_processes, process_id, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+coordinator, num_processes, process_id, workdir, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 from axl_jax import distributed
 distributed.initialize(coordinator, num_processes, process_id) if num_processes > 1 else None
 import jax
@@ -25,6 +25,9 @@ class CharTokenizer:
   def __call__(self, texts, truncation, max_length, add_special_tokens):
     return {"input_ids": [([2] + [5 + ord(c) % 90 for c in t] + [3])[:max_length] for t in texts]}
 
+  def get_vocab(self):
+    return {chr(i): i for i in range(97)}
+
 
 config = configs.default.get_config()
 config.model = tiny_model_config()
@@ -35,6 +38,16 @@ stage = configs.default.train_stage(num_steps=5, batch_size=8, group_size=2, opt
                                     log_every=5, temperature=0.5)
 examples = [TrainExample(f"q{i}", f"question {i} about {chr(97 + i)}", (Passage(f"p{i}", "", f"answer {i} {chr(97 + i)} " * 2),),
                          (Passage(f"n{i}", "", f"other text {i * 7}"),), "en") for i in range(24)]
+if mode.startswith("export:"):  # export:<checkpoint>: bn's corpus and dev queries, 6 corpus shards
+  import os
+  from axl_jax import embeddings, prepared
+  from tests.helpers import DEMO_DATA
+  config.data.update(root=DEMO_DATA, corpus="{root}/corpus/{lang}.jsonl.gz", queries="{root}/{split}/{lang}.jsonl.gz")
+  config.evaluate.update(encode_batch_size=8, shard_size=20)
+  encoder = embeddings.Encoder(mode[len("export:"):], config, CharTokenizer())
+  store = prepared.Store(os.path.join(os.path.dirname(workdir), "prepared"))
+  embeddings.export_language(encoder, workdir, "bn", ["dev"], config.evaluate.shard_size, store)
+  sys.exit(0)
 shape = batching.batch_shape(config, stage, jax.process_index(), jax.process_count())
 batches = batching.SupervisedBatches(examples, CharTokenizer(), shape, 0, 16, 24, " ")
 params = encoder.init_params(config.model, jax.random.key(0))
@@ -50,11 +63,11 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def _run(workdir: str, processes: int, devices_per_process: int):
+def _run(workdir: str, processes: int, devices_per_process: int, mode: str = "train"):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
   coordinator = f"127.0.0.1:{_free_port()}"
-  running = [subprocess.Popen([sys.executable, "-c", WORKER, coordinator, str(processes), str(index), workdir],
+  running = [subprocess.Popen([sys.executable, "-c", WORKER, coordinator, str(processes), str(index), workdir, mode],
                               env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for index in range(processes)]
   outputs = [process.communicate(timeout=600) for process in running]
@@ -79,3 +92,20 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path):
   moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
               for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(initial)))
   assert moved > 1e-3
+
+
+def test_export_by_two_processes_equals_export_by_one(tmp_path):
+  from axl_jax import embeddings
+  _run(str(tmp_path / "train"), 1, 2)
+  checkpoint = str(tmp_path / "train" / "multihost" / "checkpoints")
+  _run(str(tmp_path / "one"), 1, 4, f"export:{checkpoint}")  # prepares bn's data for both runs
+  _run(str(tmp_path / "two"), 2, 2, f"export:{checkpoint}")
+  for name in ("corpus", "queries-dev"):
+    one = list(embeddings.load_shards(str(tmp_path / "one"), name))
+    two = list(embeddings.load_shards(str(tmp_path / "two"), name))
+    assert len(one) == len(two) == (6 if name == "corpus" else 1)
+    for (ids_one, vectors_one), (ids_two, vectors_two) in zip(one, two):
+      assert ids_one == ids_two
+      np.testing.assert_allclose(vectors_two.astype(np.float32), vectors_one.astype(np.float32), rtol=1e-3, atol=1e-3)
+  manifest = embeddings.read_shards_manifest(str(tmp_path / "two"), "corpus")
+  assert manifest["count"] == 117 and manifest["dtype"] == "float16"
