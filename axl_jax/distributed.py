@@ -47,3 +47,10 @@ def barrier(label: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(label)
+
+
+def block(count: int) -> slice:
+  """This process's consecutive share of ``count`` items (shards to search), in process order."""
+  import jax
+  process, processes = jax.process_index(), jax.process_count()
+  return slice(count * process // processes, count * (process + 1) // processes)

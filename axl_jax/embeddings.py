@@ -242,9 +242,9 @@ def read_shards_manifest(directory: str, name: str) -> dict:
   return io.read_json(shards_manifest_path(directory, name))
 
 
-def load_shards(directory: str, name: str, with_embeddings: bool = True):
-  """Yields ``(ids, embeddings)`` for each shard listed in ``<name>.manifest.json``."""
+def load_shards(directory: str, name: str, with_embeddings: bool = True, shards: slice = slice(None)):
+  """Yields ``(ids, embeddings)`` for each shard listed in ``<name>.manifest.json`` (those of ``shards``)."""
   manifest = read_shards_manifest(directory, name)
-  for shard in manifest["shards"]:
+  for shard in manifest["shards"][shards]:
     ids = io.read_lines(os.path.join(directory, shard["ids"]))
     yield ids, np.load(os.path.join(directory, shard["embeddings"])) if with_embeddings else None

@@ -36,6 +36,7 @@ from absl import logging
 
 from axl_jax import data, distributed, hf_checkpoint, hub, io, prepared, stages, tokenization
 
+
 def stage_module(name: str) -> ModuleType | None:
   """The module of stage ``name`` (``round_3`` -> ``axl_jax.stages.round``), or None for an unknown name."""
   if name.startswith("round"):
@@ -312,8 +313,13 @@ def run(config, workdir_path: str) -> dict[str, dict]:
   names = validate_config(config)
   os.makedirs(workdir_path, exist_ok=True)
   workdir = Workdir(workdir_path)
-  tokenizer = tokenization.get_tokenizer(config, workdir_path, lambda: _tokenizer_texts(config, workdir_path),
-                                         _tokenizer_settings(config), retrain="all" in config.recompute.split(","))
+  get_tokenizer = lambda: tokenization.get_tokenizer(
+      config, workdir_path, lambda: _tokenizer_texts(config, workdir_path), _tokenizer_settings(config),
+      retrain="all" in config.recompute.split(","))
+  # One process trains a tokenizer (and prepares the corpora it reads); the others load what it wrote.
+  tokenizer = get_tokenizer() if jax.process_index() == 0 else None
+  distributed.barrier("tokenizer")
+  tokenizer = tokenizer or get_tokenizer()
   if not config.tokenizer.name_or_path:
     with config.unlocked():
       config.model.vocab_size = len(tokenizer)

@@ -247,7 +247,10 @@ class _TopK:
 
   def add(self, scores: np.ndarray, positions: np.ndarray, shard_ids: np.ndarray) -> None:
     found = np.where(positions >= 0, shard_ids[np.maximum(positions, 0)], None)
-    scores = np.where(positions >= 0, scores, -np.inf)
+    self.add_hits(np.where(positions >= 0, scores, -np.inf), found)
+
+  def add_hits(self, scores: np.ndarray, found: np.ndarray) -> None:
+    """Hits as ``[Q, k]`` scores and docids (None and -inf where there is no hit)."""
     merged_scores = np.concatenate([self.scores, scores], axis=1)
     merged_ids = np.concatenate([self.ids, found], axis=1)
     # Stable: an earlier shard's passage wins a tie, as one exact search over the corpus in order would.
@@ -287,6 +290,18 @@ def _search(queries, shards, depth: int, kind: str, index_dir: str | None, optio
     # Free this shard (host and GPU) before the iterator loads the next: one shard in memory, not two.
     del ids, embeddings, shard_ids, exact_shard, index
   return found.result(), exact.result() if exact is not None else None
+
+
+def merge_top_k(parts: list[tuple[np.ndarray, list[list[str]]]], depth: int) -> tuple[np.ndarray, list[list[str]]]:
+  """The top ``depth`` over ``search_shards`` results of consecutive blocks of shards, given in shard order
+  (so an earlier block wins a tie, as in one search over all the shards): a multi-process search's merge."""
+  top = _TopK(len(parts[0][0]), depth)
+  for scores, docids in parts:
+    found = np.full(np.shape(scores), None, dtype=object)
+    for row, ids in enumerate(docids):
+      found[row, :len(ids)] = ids
+    top.add_hits(np.where(found != None, np.asarray(scores, np.float32), -np.inf), found)  # noqa: E711
+  return top.result()
 
 
 def search_shards(queries: np.ndarray, shards, depth: int, kind: str = "flat", index_dir: str | None = None,

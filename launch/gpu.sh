@@ -7,6 +7,7 @@ CONFIG="${1:?config file}"; WORKDIR="${2:?workdir}"; shift 2
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q -r requirements-gpu.txt
 .venv/bin/python -m pip uninstall -q -y faiss-cpu || true
-export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}" TOKENIZERS_PARALLELISM=false
+# JAX takes --config.jax_memory_fraction (0.75) of the GPU; FAISS and the generator use the rest.
+export TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m axl_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
   --config.model.dtype=bfloat16 --config.model.attention_impl=cudnn "$@"

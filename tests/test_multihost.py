@@ -48,6 +48,18 @@ if mode.startswith("export:"):  # export:<checkpoint>: bn's corpus and dev queri
   store = prepared.Store(os.path.join(os.path.dirname(workdir), "prepared"))
   embeddings.export_language(encoder, workdir, "bn", ["dev"], config.evaluate.shard_size, store)
   sys.exit(0)
+if mode.startswith("evaluate:"):  # evaluate:<checkpoint>: dense retrieval on bn dev, 6 corpus shards searched
+  import os, types
+  from axl_jax import pipeline
+  from axl_jax.stages import evaluate
+  from tests.helpers import DEMO_DATA
+  config.data.update(root=DEMO_DATA, corpus="{root}/corpus/{lang}.jsonl.gz", queries="{root}/{split}/{lang}.jsonl.gz",
+                     qrels="{root}/qrels/{split}.{lang}.tsv", prepared_dir=os.path.join(os.path.dirname(workdir), "prepared"))
+  config.evaluate.update(encode_batch_size=8, shard_size=20)
+  ctx = types.SimpleNamespace(config=config, workdir=pipeline.Workdir(workdir), tokenizer=CharTokenizer(),
+                              languages=["bn"])
+  evaluate.retrieval_results(ctx, {"model": mode[len("evaluate:"):]}, "dev", os.path.join(workdir, "out"), False)
+  sys.exit(0)
 shape = batching.batch_shape(config, stage, jax.process_index(), jax.process_count())
 batches = batching.SupervisedBatches(examples, CharTokenizer(), shape, 0, 16, 24, " ")
 params = encoder.init_params(config.model, jax.random.key(0))
@@ -109,3 +121,17 @@ def test_export_by_two_processes_equals_export_by_one(tmp_path):
       np.testing.assert_allclose(vectors_two.astype(np.float32), vectors_one.astype(np.float32), rtol=1e-3, atol=1e-3)
   manifest = embeddings.read_shards_manifest(str(tmp_path / "two"), "corpus")
   assert manifest["count"] == 117 and manifest["dtype"] == "float16"
+
+
+def test_evaluate_by_two_processes_equals_evaluate_by_one(tmp_path):
+  _run(str(tmp_path / "train"), 1, 2)
+  checkpoint = str(tmp_path / "train" / "multihost" / "checkpoints")
+  # Two devices a process in both runs: the same per-device shapes, so the same float32 query vectors (XLA's
+  # CPU matmuls of other shapes differ in the last bits, which the ranks would show).
+  _run(str(tmp_path / "one"), 1, 2, f"evaluate:{checkpoint}")
+  _run(str(tmp_path / "two"), 2, 2, f"evaluate:{checkpoint}")  # each process searches 3 of the 6 shards
+  one = open(tmp_path / "one" / "out" / "runs" / "model.bn.dev.trec").read()
+  two = open(tmp_path / "two" / "out" / "runs" / "model.bn.dev.trec").read()
+  assert one == two and len(one.splitlines()) == 17 * 100
+  partials = sorted(os.listdir(tmp_path / "two" / "out" / "partial"))
+  assert partials == ["model.bn.dev.0.json", "model.bn.dev.1.json", "results.dev.json"]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 
+import jax
 import numpy as np
 
 from absl import logging
 
-from axl_jax import bm25, checkpoints, data, embeddings, io, metrics, prepared, search
+from axl_jax import bm25, checkpoints, data, distributed, embeddings, io, metrics, prepared, search
 from axl_jax.stages import StageResult, training
 
 EXPENSIVE = False
@@ -95,7 +96,7 @@ def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
     data.check_qrels(qrels, found, source, qrels_file="qrels" in specs)
     query_ids = [q.query_id for q in queries]
     runs, index_recall = {}, {}
-    if with_bm25:
+    if with_bm25 and jax.process_index() == 0:
       bm25_results = _bm25(config, language, split, corpus, queries)
       if bm25_results is not None:
         runs["BM25"] = bm25_results
@@ -103,12 +104,20 @@ def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
       directory = embeddings.language_embeddings(ctx.workdir.root, encoder, language, [split])
       shard_ids, vectors = zip(*embeddings.load_shards(directory, f"queries-{split}"))
       vectors = dict(zip([i for ids in shard_ids for i in ids], np.concatenate(vectors)))
-      # An approximate index is built once per checkpoint and shard, beside the shards it indexes.
-      scores, docids, index_recall[name] = search.search_shards_with_recall(
-          np.stack([vectors[q] for q in query_ids]), embeddings.load_shards(directory, "corpus"),
-          config.evaluate.depth, config.evaluate.index, os.path.join(directory, "indexes"),
-          config.evaluate.recall_queries, **_index_options(config))
-      runs[name] = search.to_run(query_ids, scores, docids)
+      query_vectors = np.stack([vectors[q] for q in query_ids])
+      if jax.process_count() > 1 and config.evaluate.index == "flat":
+        scores, docids = _search_by_processes(query_vectors, directory, config.evaluate.depth,
+                                              os.path.join(out_dir, "partial", f"{name}.{language}.{split}"))
+      elif jax.process_index() == 0:
+        # An approximate index is built once per checkpoint and shard, beside the shards it indexes.
+        scores, docids, index_recall[name] = search.search_shards_with_recall(
+            query_vectors, embeddings.load_shards(directory, "corpus"), config.evaluate.depth,
+            config.evaluate.index, os.path.join(directory, "indexes"), config.evaluate.recall_queries,
+            **_index_options(config))
+      if jax.process_index() == 0:
+        runs[name] = search.to_run(query_ids, scores, docids)
+    if jax.process_index() > 0:
+      continue  # Process 0 writes the run files and computes the metrics; the others read them below.
     for name, run in runs.items():
       metrics.write_trec_run(run_file(out_dir, name, language, split), run, name)
       results.setdefault(name, {})[language] = metrics.evaluate_run(qrels, run)
@@ -116,7 +125,27 @@ def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
         results[name][language][f"index Recall@{config.evaluate.depth} vs exact"] = index_recall[name]
         logging.info("evaluate: %s %s: the %s index finds %.3f of exact search's top %d", name, language,
                      config.evaluate.index, index_recall[name], config.evaluate.depth)
-  return results
+  if jax.process_count() == 1:
+    return results
+  shared = os.path.join(out_dir, "partial", f"results.{split}.json")
+  if jax.process_index() == 0:
+    io.write_json(shared, results)
+  distributed.barrier(f"{out_dir} results")
+  return io.read_json(shared)
+
+
+def _search_by_processes(query_vectors: np.ndarray, directory: str, depth: int, stem: str):
+  """Exact search with the shards split into one consecutive block per process; process 0 merges the blocks'
+  top-``depth`` lists in shard order, so the hits equal a single process's. Returns them on process 0."""
+  count = len(embeddings.read_shards_manifest(directory, "corpus")["shards"])
+  scores, docids = search.search_shards(query_vectors, embeddings.load_shards(
+      directory, "corpus", shards=distributed.block(count)), depth)
+  io.write_json(f"{stem}.{jax.process_index()}.json", {"scores": scores.tolist(), "docids": docids})
+  distributed.barrier(f"{stem} searched")
+  if jax.process_index() > 0:
+    return None, None
+  parts = [io.read_json(f"{stem}.{process}.json") for process in range(jax.process_count())]
+  return search.merge_top_k([(np.asarray(p["scores"], np.float32), p["docids"]) for p in parts], depth)
 
 
 def _bm25(config, language: str, split: str, corpus, queries) -> dict | None:
@@ -180,11 +209,12 @@ def run(ctx) -> StageResult:
   if config.evaluate.checkpoint:
     systems["model"] = config.evaluate.checkpoint
   results = retrieval_results(ctx, systems, split, ctx.stage_dir, config.evaluate.bm25)
-  io.write_json(results_path(ctx.workdir), results)
   text = tables(results, ctx.languages)
-  io.write_text(os.path.join(ctx.stage_dir, "results.md"), text + "\n")
-  print(f"\nRetrieval on {split} ({config.evaluate.index} index, depth {config.evaluate.depth}):\n\n{text}\n",
-        flush=True)
+  if jax.process_index() == 0:
+    io.write_json(results_path(ctx.workdir), results)
+    io.write_text(os.path.join(ctx.stage_dir, "results.md"), text + "\n")
+    print(f"\nRetrieval on {split} ({config.evaluate.index} index, depth {config.evaluate.depth}):\n\n{text}\n",
+          flush=True)
   summary = {f"{name}/{m}": float(np.mean([r[l][m] for l in ctx.languages]))
              for name, r in results.items() for m in metrics.MEASURES}
   return StageResult(summary)
