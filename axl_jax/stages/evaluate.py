@@ -2,7 +2,9 @@
 
 Dense retrieval is FAISS over each checkpoint's embedding shards (encoded once per checkpoint, kept under
 ``<workdir>/embeddings/``). Writes TREC run files (``runs/<system>.<lang>.<split>.trec``), ``results.json``
-(``{system: {language: metrics}}``, equal to trec_eval on those files) and ``results.md``.
+(``{system: {language: metrics}}``, equal to trec_eval on those files) and ``results.md``. In a run of several
+processes each searches one block of the shards and process 0 merges the hits, writes the files and shares
+the metrics with the others.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import os
 
 import jax
 import numpy as np
-
 from absl import logging
 
 from axl_jax import bm25, checkpoints, data, distributed, embeddings, io, metrics, prepared, search
