@@ -18,6 +18,8 @@ from axl_jax import ict
 from axl_jax.data import Passage, TrainExample, passage_text
 from axl_jax.tokenization import tokenize
 
+# Which examples a step sees, as a version: checkpoints record it, and a resume across a change is refused.
+BATCH_ORDER = 2
 # Salts keep the random streams of different uses apart for the same (seed, epoch).
 _ORDER_SALT, _NEGATIVE_SALT, _ICT_SALT, _ICT_PROBE_SALT, _FILL_SALT = 1, 2, 3, 4, 5
 _FEISTEL_ROUNDS = 6

@@ -114,10 +114,16 @@ def evaluate_run_file(qrels: dict[str, dict[str, int]], path: str) -> dict[str, 
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]], languages: list[str], metric: str) -> str:
-  """A Markdown table: one row per system, one column per language plus the macro average."""
+  """A Markdown table: one row per system, one column per language plus the macro average.
+
+  A system without some languages (BM25 where no run file and no in-memory index was possible) shows "-"
+  there and no average, which would not be comparable with the others'.
+  """
   header = f"| {metric} | " + " | ".join(languages) + " | avg |"
   lines = [header, "|" + "---|" * (len(languages) + 2)]
   for system, per_language in results.items():
-    values = [per_language[lang][metric] for lang in languages]
-    lines.append(f"| {system} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {sum(values) / len(values):.3f} |")
+    values = [per_language[lang][metric] if lang in per_language else None for lang in languages]
+    cells = " | ".join("-" if v is None else f"{v:.3f}" for v in values)
+    average = "-" if None in values else f"{sum(values) / len(values):.3f}"
+    lines.append(f"| {system} | {cells} | {average} |")
   return "\n".join(lines)

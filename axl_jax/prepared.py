@@ -30,6 +30,7 @@ import io as io_
 import json
 import os
 import shutil
+import socket
 import threading
 from typing import Iterable, Iterator
 
@@ -150,6 +151,8 @@ class Corpus(Dataset):
     """Record index of each docid, -1 where the corpus has none."""
     hashes = docid_hash(docids)
     keys = self._table[:, 0]
+    if not len(keys):
+      return np.full(len(docids), -1, np.int64)
     positions = np.minimum(np.searchsorted(keys, hashes), max(len(keys) - 1, 0))
     found = (keys[positions] == hashes) if len(keys) else np.zeros(len(hashes), bool)
     indices = np.where(found, self._table[positions, 1].astype(np.int64), -1)
@@ -265,6 +268,7 @@ def _corpus_examples(spec: str, docid_log: "_DocidLog", skipped: data.SkipCounte
     passage = data.parse_passage_row(row, where)
     if not passage.text:
       skipped.skip("an empty 'text'", where)
+      docid_log.skipped.append(passage.docid)  # still a docid: it may not appear again
       continue
     docid_log.append(passage.docid)
     yield index, _passage_features(passage)
@@ -294,6 +298,7 @@ class _DocidLog:
 
   def __init__(self):
     self.hashes: list[np.ndarray] = []
+    self.skipped: list[str] = []  # docids of rows skipped for an empty text
     self._pending: list[str] = []
 
   def append(self, docid: str):
@@ -319,6 +324,12 @@ def _docid_table(docid_log: _DocidLog, spec: str, corpus: Corpus) -> np.ndarray:
     if first.docid == second.docid:
       where = _where_of(spec, second.docid, occurrence=2)
       raise data.DataError(f"{where}: field 'docid': {second.docid!r} appears twice in the corpus")
+  seen_skipped = set()
+  kept = np.isin(docid_hash(docid_log.skipped), table[:, 0]) if docid_log.skipped else []
+  for docid, also_kept in zip(docid_log.skipped, kept):
+    if also_kept or docid in seen_skipped:
+      raise data.DataError(f"{_where_of(spec, docid, occurrence=2)}: field 'docid': {docid!r} appears twice in the corpus")
+    seen_skipped.add(docid)
   if len(repeats):  # Distinct docids with one 64-bit hash: never seen in practice, but never silently wrong.
     raise data.DataError(f"corpus {spec!r}: docids {len(repeats)} hash collisions; report this as a bug")
   return table
@@ -349,7 +360,7 @@ def _file_checksums(directory: str) -> dict[str, dict]:
 
 def prepare(kind: str, spec: str, language: str, directory: str) -> dict:
   """Writes the prepared dataset of ``spec`` to ``directory`` (atomically) and returns its manifest."""
-  partial = f"{directory}.partial-{os.getpid()}"
+  partial = f"{directory}.partial-{socket.gethostname()}-{os.getpid()}"
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
   skipped = data.SkipCounter(f"{kind} {spec}")
@@ -363,23 +374,29 @@ def prepare(kind: str, spec: str, language: str, directory: str) -> dict:
   logging.info("preparing %s %s from %s", kind, language or "all", spec)
   try:
     with contextlib.redirect_stdout(io_.StringIO()):  # TFDS prints a banner per dataset; the log says enough.
-      _builder(kind, language, partial, examples).download_and_prepare()
+      try:
+        _builder(kind, language, partial, examples).download_and_prepare()
+      except AssertionError as error:  # TFDS's word for a split without a single example.
+        if "No examples were yielded" not in str(error):
+          raise
+        reasons = ", ".join(f"{count} with {reason}" for reason, count in skipped.counts.items()) or "no rows"
+        raise data.DataError(f"{kind} {spec!r}: no usable rows ({reasons})") from None
     builder_dir = os.path.join(partial, f"axl_{kind}", language or "all", _VERSION)
     count = len(_tfds().builder_from_directory(builder_dir).as_data_source(split="train"))
     manifest = {"kind": kind, "language": language, "format": FORMAT, "spec": spec,
                 "source": _source_identity(spec), "count": count, "skipped": dict(skipped.counts)}
-    if kind == "train" and count == 0:
-      raise data.DataError(f"training data {spec!r}: no usable rows")
     if kind == "corpus":
       io.write_json(os.path.join(partial, "manifest.json"), manifest)  # Corpus() reads it for the check.
       np.save(os.path.join(partial, "docids.npy"), _docid_table(docid_log, spec, Corpus(partial)))
     manifest["files"] = _file_checksums(partial)
     io.write_json(os.path.join(partial, "manifest.json"), manifest)
     skipped.log()
+    if os.path.exists(os.path.join(directory, "manifest.json")):
+      return io.read_json(os.path.join(directory, "manifest.json"))  # Another process finished it first.
     shutil.rmtree(directory, ignore_errors=True)  # A leftover without a manifest (never a finished one).
     try:
       os.replace(partial, directory)
-    except OSError:  # Another process finished the same dataset first: its copy is as good as ours.
+    except OSError:  # Another process renamed its copy in between: as good as ours.
       if not os.path.exists(os.path.join(directory, "manifest.json")):
         raise
     return manifest

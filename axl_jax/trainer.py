@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from axl_jax import checkpoints
+from axl_jax import batching, checkpoints
 from axl_jax import train_step as ts
 from axl_jax.encoder import BiEncoder
 
@@ -54,6 +54,7 @@ def create_writer(config, logdir: str):
 def _prefetch(make_batch: Callable[[int], dict], steps: range, workers: int = 2):
   """Builds the next batches (reading and tokenizing) on ``workers`` host threads while the devices run
   the current step; batches come out in step order."""
+  workers = max(1, workers)
   depth = workers + 1
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
     pending = [pool.submit(make_batch, step) for step in steps[:depth]]
@@ -81,6 +82,11 @@ def _check_resumable(stage_dir: str, step: int, meta: dict, stage_config, finger
     raise ValueError(f"{stage_dir}: the stage's checkpoints were made with another configuration "
                      f"(fingerprint {saved!r}; this run's is {fingerprint!r}); resuming would mix the two: "
                      f"{remedy}")
+  # Checkpoints without the field predate the per-index permutation (numpy permutations of whole epochs).
+  if meta.get("batch_order", 1) != batching.BATCH_ORDER:
+    raise ValueError(f"{stage_dir}: the stage's checkpoints were made by a version of axl-jax that ordered the "
+                     f"batches differently (batch order {meta.get('batch_order', 1)}, now {batching.BATCH_ORDER}); "
+                     f"resuming would not see the batches an uninterrupted run sees: {remedy}")
   saved_steps = meta.get("num_steps")
   if saved_steps is not None and saved_steps != stage_config.num_steps:
     raise ValueError(f"{stage_dir}: the stage's checkpoints were made for num_steps={saved_steps}, this run "
@@ -156,7 +162,8 @@ def train(stage_name: str, stage_config, config, workdir: str, batches, initial_
           checkpoints.save(manager, done, state.params, state.opt_state,
                            {"step": done, "data_step": done, "skipped_steps": int(state.skipped_steps),
                             "seed": config.seed, "model": config.model.to_dict(),
-                            "fingerprint": fingerprint, "num_steps": stage_config.num_steps})
+                            "fingerprint": fingerprint, "num_steps": stage_config.num_steps,
+                            "batch_order": batching.BATCH_ORDER})
   finally:
     # Saves are asynchronous: finish the one in flight even when the loop raises, so a rerun
     # resumes from it rather than from the one before.

@@ -114,3 +114,9 @@ def test_format_table_against_a_hand_count():
       "|---|---|---|---|\n"
       "| BM25 | 0.500 | 0.250 | 0.375 |\n"
       "| dense | 0.875 | 0.625 | 0.750 |")
+
+
+def test_a_system_without_some_languages_shows_a_dash_and_no_average():
+  results = {"dense": {"bn": {"MRR@100": 0.5}, "th": {"MRR@100": 0.25}}, "BM25": {"bn": {"MRR@100": 0.75}}}
+  table = metrics.format_table(results, ["bn", "th"], "MRR@100")
+  assert "| dense | 0.500 | 0.250 | 0.375 |" in table and "| BM25 | 0.750 | - | - |" in table

@@ -93,6 +93,7 @@ def _write_jsonl(path, rows):
     ('{"docid": "3", "title": "t", "text": ', ":3: malformed JSON"),
     ({"docid": "1", "title": "t", "text": "again"}, ":3: field 'docid': '1' appears twice"),
     ({"docid": "3", "title": "t"}, ":3: field 'text' is missing"),
+    ({"docid": "1", "title": "t", "text": ""}, ":3: field 'docid': '1' appears twice"),  # even when empty
 ])
 def test_a_bad_corpus_row_names_its_line_and_leaves_nothing_behind(tmp_path, bad_row, message):
   path = str(tmp_path / "corpus.jsonl.gz")
@@ -153,3 +154,10 @@ def test_the_pipeline_runs_from_hub_files(hub_dir, tmp_path):
   assert results["round_1"]["bn"]["queries"] == 17  # the dev rows' positives are the judgements
   kinds = sorted(name.split("-")[0] for name in os.listdir(os.path.join(workdir, "prepared")))
   assert kinds == ["corpus", "corpus", "queries", "queries", "train", "train"]
+
+
+def test_a_corpus_of_empty_passages_is_bad_input(tmp_path):
+  path = str(tmp_path / "corpus.jsonl.gz")
+  _write_jsonl(path, [{"docid": "1", "title": "", "text": ""}])
+  with pytest.raises(data.DataError, match=r"no usable rows \(1 with an empty 'text'\)"):
+    prepared.Store(str(tmp_path / "prepared")).corpus(path, "en")

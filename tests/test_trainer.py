@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import configs.default
-from axl_jax import checkpoints, encoder, trainer
+from axl_jax import batching, checkpoints, encoder, trainer
 from axl_jax import train_step as ts
 from tests.helpers import tiny_model_config
 
@@ -175,3 +175,11 @@ def test_wandb_writer_can_be_created(tmp_path, monkeypatch):
   writer.write_scalars(3, {"loss": 1.5})
   writer.close()
   assert logged == [(3, {"loss": 1.5})]
+
+
+def test_resume_refuses_checkpoints_of_another_batch_order(tmp_path):
+  stage = _stage(num_steps=4)
+  old = {"fingerprint": "a", "num_steps": 4}  # written before checkpoints recorded their batch order
+  with pytest.raises(ValueError, match="ordered the batches differently"):
+    trainer._check_resumable(str(tmp_path), 2, old, stage, "a")
+  trainer._check_resumable(str(tmp_path), 2, dict(old, batch_order=batching.BATCH_ORDER), stage, "a")

@@ -74,7 +74,8 @@ class RulesBackend:
     for language in dict.fromkeys(language for language, _ in _source_specs(config)):
       corpus = store.corpus(prepared.corpus_spec(config, language), language)
       count = min(len(corpus), self.TITLE_SAMPLE)
-      sample = batching.permute([self.seed, zlib.crc32(language.encode())], np.arange(count), len(corpus))
+      sample = batching.permute([self.seed, zlib.crc32(language.encode())], np.arange(count), len(corpus)) \
+          if count else np.zeros(0, np.int64)
       self.titles[language] = sorted({p.title for p in corpus.passages(np.sort(sample)) if p.title})
 
   def rewrite(self, items: list[dict]) -> list[tuple[str | None, int]]:

@@ -113,7 +113,7 @@ def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
         # An approximate index is built once per checkpoint and shard, beside the shards it indexes.
         scores, docids, index_recall[name] = search.search_shards_with_recall(
             query_vectors, embeddings.load_shards(directory, "corpus"), config.evaluate.depth,
-            config.evaluate.index, os.path.join(directory, "indexes"), config.evaluate.recall_queries,
+            config.evaluate.index, _index_dir(directory), config.evaluate.recall_queries,
             **_index_options(config))
       if jax.process_index() == 0:
         runs[name] = search.to_run(query_ids, scores, docids)
@@ -133,6 +133,11 @@ def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
     io.write_json(shared, results)
   distributed.barrier(f"{out_dir} results")
   return io.read_json(shared)
+
+
+def _index_dir(directory: str) -> str:
+  """Approximate indexes of one set of corpus shards: re-encoded shards (another key) get new indexes."""
+  return os.path.join(directory, "indexes", embeddings.read_shards_manifest(directory, "corpus")["key"])
 
 
 def _search_by_processes(query_vectors: np.ndarray, directory: str, depth: int, stem: str):
@@ -217,5 +222,5 @@ def run(ctx) -> StageResult:
     print(f"\nRetrieval on {split} ({config.evaluate.index} index, depth {config.evaluate.depth}):\n\n{text}\n",
           flush=True)
   summary = {f"{name}/{m}": float(np.mean([r[l][m] for l in ctx.languages]))
-             for name, r in results.items() for m in metrics.MEASURES}
+             for name, r in results.items() if all(l in r for l in ctx.languages) for m in metrics.MEASURES}
   return StageResult(summary)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 
+import jax
+
 from axl_jax import checkpoints, data, embeddings, io
 from axl_jax.stages import StageResult, evaluate
 
@@ -63,6 +65,8 @@ def run(ctx) -> StageResult:
   counts = {}
   for language in ctx.languages:
     source = embeddings.language_embeddings(ctx.workdir.root, encoder, language, _splits(ctx.config))
+    if jax.process_index() > 0:
+      continue  # Process 0 links the shards every process encoded (the stage ends with a barrier).
     target = os.path.join(ctx.stage_dir, language)
     os.makedirs(target, exist_ok=True)
     for name in ["corpus"] + [f"queries-{split}" for split in _splits(ctx.config)]:
