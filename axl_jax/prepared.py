@@ -208,12 +208,8 @@ def read_query_set(dataset: Dataset) -> list[Query]:
           for r in dataset.records(range(start, min(start + 4096, len(dataset))))]
 
 
-def _source_identity(spec: str) -> list:
-  return data.spec_identity(spec)
-
-
 def dataset_key(kind: str, spec: str, language: str) -> str:
-  identity = [FORMAT, kind, language, _source_identity(spec)]
+  identity = [FORMAT, kind, language, data.spec_identity(spec)]
   return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
@@ -384,7 +380,7 @@ def prepare(kind: str, spec: str, language: str, directory: str) -> dict:
     builder_dir = os.path.join(partial, f"axl_{kind}", language or "all", _VERSION)
     count = len(_tfds().builder_from_directory(builder_dir).as_data_source(split="train"))
     manifest = {"kind": kind, "language": language, "format": FORMAT, "spec": spec,
-                "source": _source_identity(spec), "count": count, "skipped": dict(skipped.counts)}
+                "source": data.spec_identity(spec), "count": count, "skipped": dict(skipped.counts)}
     if kind == "corpus":
       io.write_json(os.path.join(partial, "manifest.json"), manifest)  # Corpus() reads it for the check.
       np.save(os.path.join(partial, "docids.npy"), _docid_table(docid_log, spec, Corpus(partial)))
