@@ -2,19 +2,21 @@
 
 Which examples a step sees is a pure function of ``(seed, step)``: example ``k`` of the run is the
 ``k mod N``-th entry of epoch ``k // N``'s permutation, so a resumed run sees exactly the batches an
-uninterrupted run would. Hard negatives rotate across epochs. Each host builds the same global batch
-plan and keeps the rows of its own devices (``process_index``), so the code runs unchanged on a pod.
+uninterrupted run would. Hard negatives rotate across epochs. Every host computes the same global batch
+plan (O(batch) arithmetic) and reads and tokenizes only the rows of its own devices (``process_index``).
 
 Padding goes on the right up to the smallest length bucket that fits the longest sequence of the
-*global* batch (every host and device must agree on shapes); the examples never depend on buckets.
+*global* batch: every host and device must agree on shapes, so the hosts exchange their longest lengths
+(``distributed.global_max``, off the devices). The examples never depend on buckets.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
-from axl_jax import ict
+from axl_jax import distributed, ict
 from axl_jax.data import Passage, TrainExample, passage_text
 from axl_jax.tokenization import tokenize
 
@@ -98,6 +100,9 @@ class BatchShape:
   passage_buckets: tuple[int, ...]
   process_index: int = 0
   process_count: int = 1
+  name: str = "batches"             # keys the hosts' length exchange: one name per stage of a run
+  # The largest of every host's value for a key: ``distributed.global_max`` (tests pass their own).
+  global_max: Callable[[str, list[int]], list[int]] = distributed.global_max
 
   def __post_init__(self):
     if self.batch_size % self.process_count:
@@ -107,14 +112,18 @@ class BatchShape:
     per_host = self.batch_size // self.process_count
     return slice(self.process_index * per_host, (self.process_index + 1) * per_host)
 
-  def assemble(self, queries: list[np.ndarray], passages: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """This host's rows, padded to the buckets that fit the whole global batch."""
-    query_length = bucket_length(max(len(q) for q in queries), self.query_buckets)
-    passage_length = bucket_length(max(len(p) for p in passages), self.passage_buckets)
-    rows = self.host_rows()
-    passage_rows = slice(rows.start * self.group_size, rows.stop * self.group_size)
-    query_ids, query_lengths = pad(queries[rows], query_length)
-    passage_ids, passage_lengths = pad(passages[passage_rows], passage_length)
+  def assemble(self, step: int, queries: list[np.ndarray], passages: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """This host's rows (``host_rows`` of the global batch), padded to the buckets that fit the whole
+    global batch at ``step``."""
+    longest = [max(len(q) for q in queries), max(len(p) for p in passages)]
+    if self.process_count > 1:
+      longest = self.global_max(f"{self.name}/{step}", longest)
+      # Hosts stay within a few steps of each other (every step is a collective), so this is long read.
+      distributed.forget(f"{self.name}/{step - 1024}")
+    query_length = bucket_length(longest[0], self.query_buckets)
+    passage_length = bucket_length(longest[1], self.passage_buckets)
+    query_ids, query_lengths = pad(queries, query_length)
+    passage_ids, passage_lengths = pad(passages, passage_length)
     return {"query_ids": query_ids, "query_lengths": query_lengths,
             "passage_ids": passage_ids, "passage_lengths": passage_lengths}
 
@@ -132,9 +141,10 @@ def passage_buckets(config) -> tuple[int, ...]:
                       | {config.data.passage_max_length}))
 
 
-def batch_shape(config, stage_config, process_index: int = 0, process_count: int = 1) -> BatchShape:
+def batch_shape(config, stage_config, process_index: int = 0, process_count: int = 1,
+                name: str = "batches") -> BatchShape:
   return BatchShape(stage_config.batch_size, stage_config.group_size, query_buckets(config),
-                    passage_buckets(config), process_index, process_count)
+                    passage_buckets(config), process_index, process_count, name)
 
 
 def _rotate(items: list, epoch: int, count: int) -> list:
@@ -186,13 +196,14 @@ class SupervisedBatches:
     return [positive] + chosen
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    positions = example_positions(self.seed, step, self.shape.batch_size, len(self.rows))
+    """This host's rows of the global batch at ``step``."""
+    positions = example_positions(self.seed, step, self.shape.batch_size, len(self.rows))[self.shape.host_rows()]
     examples = self.rows.examples([index for _, index in positions])
     groups = [self.group(epoch, index, example) for (epoch, index), example in zip(positions, examples)]
     queries = tokenize(self.tokenizer, [e.query for e in examples], self.query_max_length)
     passages = tokenize(self.tokenizer, [passage_text(p, self.title_separator) for g in groups for p in g],
                         self.passage_max_length)
-    return self.shape.assemble(queries, passages)
+    return self.shape.assemble(step, queries, passages)
 
 
 class ExampleList(list):
@@ -273,7 +284,9 @@ class ICTBatches:
                      f"{self.min_chars}+ characters; does the corpus have sentence punctuation?")
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    pairs = self.pairs(example_positions(self.seed, step, self.shape.batch_size, len(self)))
+    """This host's rows of the global batch at ``step``."""
+    positions = example_positions(self.seed, step, self.shape.batch_size, len(self))[self.shape.host_rows()]
+    pairs = self.pairs(positions)
     queries = tokenize(self.tokenizer, [q for q, _ in pairs], self.query_max_length)
     passages = tokenize(self.tokenizer, [p for _, p in pairs], self.passage_max_length)
-    return self.shape.assemble(queries, passages)
+    return self.shape.assemble(step, queries, passages)

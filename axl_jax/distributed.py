@@ -1,17 +1,25 @@
 """Starting a run that spans processes (hosts of a TPU pod slice, nodes of a GPU cluster, or several
-processes on one machine) with ``jax.distributed``.
+processes on one machine) with ``jax.distributed``, and what the processes agree on outside the devices.
 
 ``initialize`` must run before anything touches a JAX backend. It starts the distributed runtime when the
 launch says the run spans processes: explicit ``--coordinator_address/--num_processes/--process_id``
 flags, or a cluster JAX detects by itself (a SLURM job of several tasks, a multi-host Cloud TPU slice).
 A single-process run starts nothing. Collectives between CPU processes use gloo (the tests' multi-process
 runs, and CPU-only clusters); GPUs and TPUs use their own.
+
+Nothing here opens an accelerator: ``process_index``, ``barrier`` and ``global_max`` talk to the
+coordination service, so the pipeline can synchronise hosts while a generator subprocess owns the devices.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 from absl import logging
+
+# Hosts wait at a barrier for the slowest one (a stage's last shard, a long search): hours, not seconds.
+BARRIER_TIMEOUT_MS = 24 * 3600 * 1000
+_barriers = itertools.count()
 
 
 def _cluster_spans_processes() -> bool:
@@ -36,21 +44,57 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
                                process_id=process_id)
   else:
     jax.distributed.initialize()  # SLURM or Cloud TPU: JAX reads the cluster from the environment.
-  logging.info("jax.distributed: process %d of %d, %d local of %d devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info("jax.distributed: process %d of %d", process_index(), process_count())
   return True
 
 
+def _state():
+  from jax._src import distributed  # the runtime jax.distributed.initialize started (no public accessor)
+  return distributed.global_state
+
+
+def process_index() -> int:
+  """This process's index; unlike ``jax.process_index()`` it does not start a backend."""
+  state = _state()
+  return state.process_id if state.client is not None else 0
+
+
+def process_count() -> int:
+  state = _state()
+  return state.num_processes if state.client is not None else 1
+
+
 def barrier(label: str) -> None:
-  """Waits until every process of the run reaches ``label`` (nothing to wait for in a single process)."""
-  import jax
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(label)
+  """Waits until every process of the run reaches ``label`` (nothing to wait for in a single process).
+
+  Every process passes the same barriers in the same order, so a counter makes each id unique."""
+  if process_count() > 1:
+    _state().client.wait_at_barrier(f"axl/barrier/{next(_barriers)}/{label}", BARRIER_TIMEOUT_MS)
+
+
+def global_max(key: str, values: list[int]) -> list[int]:
+  """The element-wise largest of the ``values`` every process passes with ``key`` (a key is used once).
+
+  Thread-safe and off the devices: data loaders call it from their threads (a batch's padded lengths)."""
+  if process_count() == 1:
+    return list(values)
+  client = _state().client
+  client.key_value_set(f"axl/max/{key}/{process_index()}", ",".join(str(int(v)) for v in values),
+                       allow_overwrite=True)
+  result = list(values)
+  for process in range(process_count()):
+    theirs = client.blocking_key_value_get(f"axl/max/{key}/{process}", BARRIER_TIMEOUT_MS)
+    result = [max(a, int(b)) for a, b in zip(result, theirs.split(","))]
+  return result
+
+
+def forget(key: str) -> None:
+  """Drops this process's value of ``key`` from the coordination service once every process has read it."""
+  if process_count() > 1:
+    _state().client.key_value_delete(f"axl/max/{key}/{process_index()}")
 
 
 def block(count: int) -> slice:
-  """This process's consecutive share of ``count`` items (shards to search), in process order."""
-  import jax
-  process, processes = jax.process_index(), jax.process_count()
+  """This process's consecutive share of ``count`` items (shards to search, candidates to score)."""
+  process, processes = process_index(), process_count()
   return slice(count * process // processes, count * (process + 1) // processes)

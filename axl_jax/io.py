@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -18,7 +19,8 @@ import numpy as np
 def atomic_open(path: str, mode: str = "w") -> Iterator:
   """An open file that replaces ``path`` when the block ends without an error (text modes are UTF-8)."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  partial = f"{path}.partial-{os.getpid()}"  # one per writer: two processes never share a temporary file
+  # One per writer: two processes (on one host or on hosts sharing a file system) never share a temporary file.
+  partial = f"{path}.partial-{socket.gethostname()}-{os.getpid()}"
   encoding = None if "b" in mode else "utf-8"
   try:
     with open(partial, mode, encoding=encoding) as file:

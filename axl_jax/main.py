@@ -32,13 +32,11 @@ def main(argv):
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= logging.converter.STANDARD_WARNING
       or not any(part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/")))
-  import jax
   import sys
   from axl_jax import data, distributed, pipeline
+  # Starts no backend: the rounds' generators own the accelerators before this process opens them.
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from axl_jax.stages import evaluate
-  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir)
   except (*pipeline.STALE_ERRORS, data.DataError) as error:  # The user's to act on: no traceback.
@@ -47,7 +45,7 @@ def main(argv):
   # The tables once more at the very end, where they are not buried under the stages' logs.
   workdir = pipeline.Workdir(FLAGS.workdir)
   tables = evaluate.read_tables(workdir)
-  if tables and jax.process_index() == 0:
+  if tables and distributed.process_index() == 0:
     print(f"\nResults ({evaluate.results_path(workdir)}):\n\n{tables}", flush=True)
 
 

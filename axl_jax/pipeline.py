@@ -13,6 +13,10 @@ every configured stage is planned:
   only when ``--config.recompute`` names it (or is ``all``). Otherwise the run stops before doing
   anything, naming the changed fields.
 
+Before any stage runs, process 0 prepares every data set the stages read and trains the tokenizer, and
+each stage to run that has an ``offline(ctx)`` step (a round's negatives generator) runs it on every host:
+that work happens in subprocesses before this process opens the accelerators, so they can own them.
+
 Stages are found by name as modules of ``axl_jax.stages`` (``round_<k>`` is ``axl_jax.stages.round``):
 adding a stage is adding one module. Beyond what every stage shares (model, tokenizer, lengths, seed), this
 module does not know what a stage computes.
@@ -31,7 +35,6 @@ import shutil
 import time
 from types import ModuleType
 
-import jax
 from absl import logging
 
 from axl_jax import data, distributed, hf_checkpoint, hub, io, prepared, stages, tokenization
@@ -83,7 +86,7 @@ class Workdir:
     return io.read_json(path) if os.path.exists(path) else {"fingerprint": None, "fields": {}}
 
   def start(self, name: str, fingerprint: str, fields: dict, inputs: dict):
-    if jax.process_index() == 0:
+    if distributed.process_index() == 0:
       io.write_json(os.path.join(self.stage_dir(name), "fingerprint.json"),
                     {"fingerprint": fingerprint, "fields": fields, "inputs": inputs})
     distributed.barrier(f"{name} starts")
@@ -92,14 +95,14 @@ class Workdir:
     """Once every process has finished the stage, writes the manifest and ``COMPLETE`` (process 0); no
     process goes on before they are written."""
     distributed.barrier(f"{name} finished")
-    if jax.process_index() == 0:
+    if distributed.process_index() == 0:
       io.write_json(os.path.join(self.stage_dir(name), "manifest.json"), manifest)
       io.write_text(os.path.join(self.stage_dir(name), "COMPLETE"), manifest["finished"] + "\n")
     # No process may start the next stage before this one is marked complete for all of them.
     distributed.barrier(f"{name} complete")
 
   def discard(self, name: str):
-    if jax.process_index() == 0:
+    if distributed.process_index() == 0:
       shutil.rmtree(self.stage_dir(name), ignore_errors=True)
     distributed.barrier(f"{name} discarded")
 
@@ -316,28 +319,39 @@ def run(config, workdir_path: str) -> dict[str, dict]:
   get_tokenizer = lambda: tokenization.get_tokenizer(
       config, workdir_path, lambda: _tokenizer_texts(config, workdir_path), _tokenizer_settings(config),
       retrain="all" in config.recompute.split(","))
-  # One process trains a tokenizer (and prepares the corpora it reads); the others load what it wrote.
-  tokenizer = get_tokenizer() if jax.process_index() == 0 else None
-  distributed.barrier("tokenizer")
+  # One process prepares the data and trains a tokenizer; the others load what it wrote. Nothing before the
+  # stages opens an accelerator (``distributed`` talks to the coordinator, not the devices).
+  tokenizer = None
+  if distributed.process_index() == 0:
+    prepared.prepare_all(config, workdir_path, names)
+    tokenizer = get_tokenizer()
+  distributed.barrier("data prepared, tokenizer trained")
   tokenizer = tokenizer or get_tokenizer()
   if not config.tokenizer.name_or_path:
     with config.unlocked():
       config.model.vocab_size = len(tokenizer)
   steps = plan(config, workdir, names, tokenizer)
+  context = lambda step: Context(config, workdir, tokenizer, step.name, list(step.inputs), step.fingerprint)
+  for step in steps:
+    if step.action == "recompute":
+      logging.warning("Stage %s is recomputed: %s", step.name, step.reason)
+      workdir.discard(step.name)
+  offline = [step for step in steps if step.action != "skip" and hasattr(step.module, "offline")]
+  for step in offline:
+    workdir.start(step.name, step.fingerprint, step.fields, step.inputs)
+    step.module.offline(context(step))
+  if offline:
+    distributed.barrier("offline work done")  # every host's share, before a stage reads it
   outcome = {}
   for step in steps:
     if step.action == "skip":
       logging.info("Stage %s is complete (%s) and up to date; skipping it", step.name, workdir.stage_dir(step.name))
       outcome[step.name] = workdir.manifest(step.name)["metrics"]
       continue
-    if step.action == "recompute":
-      logging.warning("Stage %s is recomputed: %s", step.name, step.reason)
-      workdir.discard(step.name)
     logging.info("Stage %s %s", step.name, "resumes" if step.action == "resume" else "starts")
     started = time.time()
     workdir.start(step.name, step.fingerprint, step.fields, step.inputs)
-    ctx = Context(config, workdir, tokenizer, step.name, list(step.inputs), step.fingerprint)
-    result = step.module.run(ctx)
+    result = step.module.run(context(step))
     manifest = {"stage": step.name, "fingerprint": step.fingerprint, "fields": step.fields, "inputs": step.inputs,
                 "config": json.loads(config.to_json_best_effort()), "metrics": result.metrics,
                 "checkpoint": result.checkpoint, "seconds": round(time.time() - started, 1),

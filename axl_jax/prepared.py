@@ -37,7 +37,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from absl import logging
 
-from axl_jax import data, io
+from axl_jax import data, hub, io
 from axl_jax.data import Passage, Query, TrainExample
 
 # Bump when the features or the layout change: every prepared dataset is then prepared again.
@@ -398,3 +398,63 @@ def prepare(kind: str, spec: str, language: str, directory: str) -> dict:
     return manifest
   finally:
     shutil.rmtree(partial, ignore_errors=True)
+
+
+def datasets_of(config, names: list[str]) -> list[tuple[str, str, str]]:
+  """``(kind, spec, language)`` of every data set the stages ``names`` of ``config`` read, each once."""
+  languages = data.parse_languages(config.data.languages)
+  wanted = [("corpus", corpus_spec(config, language), language) for language in languages]
+  if "ict" in names and config.ict.corpus:
+    wanted += [("corpus", data.expand_spec(config.ict.corpus, config.data.root, language), language)
+               for language in languages]
+  rounds = any(name.startswith("round_") for name in names)
+  for section in ("pretrain", "finetune"):
+    if section in names or (section == "finetune" and (rounds or "visualize" in names)):
+      wanted += [("train", spec, language) for language, spec in data.training_specs(config, config[section])]
+  splits = set()
+  if "evaluate" in names:
+    splits.add(config.evaluate.split)
+  if rounds:
+    splits.add("dev")
+  if "export" in names:
+    splits.update(s.strip() for s in config.export.splits.split(",") if s.strip())
+  wanted += [("queries", data.expand_spec(config.data.queries, config.data.root, language, split), language)
+             for split in sorted(splits) for language in languages]
+  return list(dict.fromkeys(wanted))
+
+
+def missing_hub_files(wanted: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+  """``(spec, where it belongs)`` of the hub files that are not on this machine (checked without fetching)."""
+  missing = []
+  download, hub.settings.download = hub.settings.download, False
+  try:
+    for _, spec, _ in wanted:
+      if spec.startswith("hf:") and hub.raw_file(spec):
+        try:
+          hub.local_file(spec)
+        except hub.MissingFile:
+          missing.append((spec, hub.destination(*hub.raw_file(spec))))
+  finally:
+    hub.settings.download = download
+  return missing
+
+
+def prepare_all(config, workdir: str, names: list[str]) -> list[dict]:
+  """Prepares (or finds prepared) every data set the stages ``names`` read; returns their manifests."""
+  hub.configure(config)
+  wanted = datasets_of(config, names)
+  if not config.data.download:
+    missing = missing_hub_files(wanted)
+    if missing:
+      lines = "\n".join(f"  {spec}  ->  {path}" for spec, path in missing)
+      raise data.DataError(f"{len(missing)} hub files are not on this machine and data.download is off; "
+                           f"fetch them and put them at:\n{lines}")
+  store_ = store(config, workdir)
+  manifests = []
+  for kind, spec, language in wanted:
+    directory = store_.prepared(kind, spec, language)
+    manifest = io.read_json(os.path.join(directory, "manifest.json"))
+    manifest["directory"] = directory
+    manifests.append(manifest)
+  io.write_json(os.path.join(store_.root, "prepared.json"), manifests)
+  return manifests

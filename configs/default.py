@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Stale training stages (made with another config or data) to retrain, with the stages after them:
   # comma-separated names or "all". Without it a run that would throw training away stops first.
   config.recompute = ""
-  # Share of each GPU's memory JAX preallocates; the rest is FAISS's (GPU search) and the generator's.
+  # Share of each GPU's memory JAX preallocates; the rest is FAISS's (GPU search).
   config.jax_memory_fraction = 0.75
 
   config.model = ml_collections.ConfigDict()
@@ -135,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.generator.train_data = ""            # training rows whose positives are rewritten ("" = finetune's)
   config.generator.max_queries_per_language = 0  # 0 = all
   config.generator.shard_size = 512           # records per output shard (the unit of resumption)
+  # Environment of the generator process, "NAME=value,NAME=value": e.g. on a multi-host TPU slice, the
+  # variables that make each host's generator a one-host slice of its own chips (README: many hosts).
+  config.generator.env = ""
 
   config.adversarial = ml_collections.ConfigDict()
   config.adversarial.rounds = 2               # stages round_1 .. round_N: generate -> filter -> train -> dev eval

@@ -30,12 +30,55 @@ def test_each_epoch_is_a_permutation_and_steps_are_reproducible():
   assert positions != [p for step in range(5) for p in batching.example_positions(8, step, 4, 10)]
 
 
-def test_hosts_split_the_global_batch():
-  whole = _batches(batching.BatchShape(4, 3, (8, 16), (16, 24))).batch(3)
-  parts = [_batches(batching.BatchShape(4, 3, (8, 16), (16, 24), process_index=h, process_count=2)).batch(3)
-           for h in range(2)]
-  for name in whole:
+class Exchange:
+  """``distributed.global_max`` between threads that stand in for hosts."""
+
+  def __init__(self, hosts):
+    import threading
+    self.hosts, self.values, self.ready = hosts, {}, threading.Condition()
+
+  def global_max(self, key, values):
+    with self.ready:
+      self.values.setdefault(key, []).append(values)
+      self.ready.wait_for(lambda: len(self.values[key]) == self.hosts, timeout=30)
+      return [max(column) for column in zip(*self.values[key])]
+
+
+def _per_host(make, hosts=2, step=3):
+  """Each host's ``batch(step)``, built in its own thread, and the texts each host tokenized."""
+  from concurrent.futures import ThreadPoolExecutor
+  exchange = Exchange(hosts)
+  tokenized = [[] for _ in range(hosts)]
+
+  def host(index):
+    batches = make(batching.BatchShape(4, 3 if make is not _ict_host else 1, (8, 16), (16, 24), index, hosts,
+                                       global_max=exchange.global_max))
+    tokenizer = batches.tokenizer
+
+    def counting(texts, **kwargs):
+      tokenized[index].extend(texts)
+      return tokenizer(texts, **kwargs)
+    batches.tokenizer = counting
+    return batches.batch(step)
+  with ThreadPoolExecutor(hosts) as pool:
+    return list(pool.map(host, range(hosts))), tokenized
+
+
+def _ict_host(shape):
+  corpus = batching.PassageList(Passage(f"d{i}", "", f"First sentence number {i} is here. Then second one "
+                                        f"{'is much longer than the first ' * (i % 3)}ends {i}.") for i in range(12))
+  return batching.ICTBatches([("en", corpus)], CharTokenizer(), shape, 0, 16, 24, " ", 1.0, 5)
+
+
+@pytest.mark.parametrize("make", [_batches, _ict_host], ids=["supervised", "ict"])
+def test_hosts_split_the_global_batch_and_tokenize_only_their_rows(make):
+  whole = make(batching.BatchShape(4, 3 if make is not _ict_host else 1, (8, 16), (16, 24))).batch(3)
+  parts, tokenized = _per_host(make)
+  for name in whole:  # the same rows, padded to the lengths that fit the whole global batch
     np.testing.assert_array_equal(whole[name], np.concatenate([p[name] for p in parts]))
+  group = 3 if make is not _ict_host else 1
+  assert [len(texts) for texts in tokenized] == [2 + 2 * group] * 2  # each host: its 2 queries and their groups
+  assert not set(tokenized[0]) & set(tokenized[1])
 
 
 def test_static_shapes_from_buckets_and_positive_first():

@@ -1,4 +1,5 @@
 """The negatives subprocess: records and counts, no torch in the process, and kill-and-restart safety."""
+import glob
 import json
 import os
 import signal
@@ -120,14 +121,13 @@ def test_qwen_backend_killed_and_restarted_loses_and_duplicates_nothing(tmp_path
   interrupted = str(tmp_path / "interrupted")
   process = subprocess.Popen(_qwen_command(interrupted, checkpoint), cwd=REPO, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  manifest = os.path.join(interrupted, "manifest.json")
+  first_shard = os.path.join(interrupted, "shard-00000.done.json")
   deadline = time.time() + 600
-  while not os.path.exists(manifest) and process.poll() is None and time.time() < deadline:
+  while not os.path.exists(first_shard) and process.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  with open(manifest) as file:
-    done_before = len(json.load(file)["shards"])
+  done_before = len(glob.glob(os.path.join(interrupted, "shard-*.done.json")))
   assert 0 < done_before < 9, "the kill should land mid-run (36 records in 9 shards)"
   subprocess.run(_qwen_command(interrupted, checkpoint), cwd=REPO, env=_env(), check=True, timeout=900,
                  capture_output=True)
@@ -183,3 +183,24 @@ def test_generator_output_belongs_to_its_prompts_and_rows(tmp_path, monkeypatch)
   _write_rows(tmp_path / "train.jsonl", rows)  # same file name, other content
   with pytest.raises(ValueError, match="another generator config or data"):
     generate.run(config, output)
+
+
+def test_hosts_generate_disjoint_shards_that_make_one_set(tmp_path):
+  # Three hosts each make every third shard (here one after the other); the set equals one host's, and a
+  # set missing a host's shards is refused, not read short.
+  from axl_jax.negatives import generate
+  from axl_jax.negatives.records import read_records
+  rows = [{"query_id": str(i), "query": f"How long is river {i}?",
+           "positive_passages": [{"docid": f"{i}#1", "title": "River", "text": f"River {i} is {i + 100} km long."}]}
+          for i in range(10)]
+  _write_rows(tmp_path / "train.jsonl", rows)
+  config = _rules_config(tmp_path, techniques="numerical_perturbation,logical_negation", shard_size=3)
+  generate.run(config, str(tmp_path / "one"))
+  for host in (2, 0):
+    manifest = generate.run(config, str(tmp_path / "three"), host, 3)
+    assert not manifest["complete"]
+  with pytest.raises(FileNotFoundError, match="2 of 7 generator shards are not done \(first: shard-00001"):
+    read_records(str(tmp_path / "three"))
+  assert generate.run(config, str(tmp_path / "three"), 1, 3)["complete"]
+  assert read_records(str(tmp_path / "three")) == read_records(str(tmp_path / "one"))
+  assert len(read_records(str(tmp_path / "one"))) == 20

@@ -174,12 +174,9 @@ def test_round_fingerprint_covers_the_filter_and_the_generator(tmp_path, tokeniz
 
 
 def test_complete_is_written_before_every_process_passes_the_barrier(tmp_path, monkeypatch):
-  from jax.experimental import multihost_utils
-
-  from axl_jax import pipeline
+  from axl_jax import distributed, pipeline
   seen = []
-  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(multihost_utils, "sync_global_devices",
+  monkeypatch.setattr(distributed, "barrier",
                       lambda label: seen.append((label, os.path.exists(tmp_path / "ict" / "COMPLETE"))))
   pipeline.Workdir(str(tmp_path)).complete("ict", {"finished": "now", "metrics": {}})
   # Every process finished before COMPLETE is written; none goes on before it is written.

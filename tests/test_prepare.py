@@ -152,8 +152,10 @@ def test_the_pipeline_runs_from_hub_files(hub_dir, tmp_path):
   results = json.load(open(os.path.join(workdir, "evaluate", "results.json")))
   assert set(results) == {"BM25", "ict", "finetune", "round_1"}
   assert results["round_1"]["bn"]["queries"] == 17  # the dev rows' positives are the judgements
-  kinds = sorted(name.split("-")[0] for name in os.listdir(os.path.join(workdir, "prepared")))
+  kinds = sorted(name.split("-")[0] for name in os.listdir(os.path.join(workdir, "prepared")) if "." not in name)
   assert kinds == ["corpus", "corpus", "queries", "queries", "train", "train"]
+  # All of them prepared by the run before its first stage, and listed.
+  assert len(json.load(open(os.path.join(workdir, "prepared", "prepared.json")))) == 6
 
 
 def test_a_corpus_of_empty_passages_is_bad_input(tmp_path):

@@ -6,8 +6,11 @@
 Meant to run as its own process (the pipeline launches it with ``subprocess``) and never imports
 PyTorch. Every (training query, technique) pair is one record: query_id, source docid, language,
 technique, backend, model id, prompt version, the generated text, accepted or the reject reason.
-Records go into fixed shards written atomically; ``manifest.json`` lists the finished ones, so a
-killed run restarts at the first missing shard and ends with no record lost or duplicated.
+Records go into fixed shards written atomically, each with a ``shard-NNNNN.done.json`` beside it (its
+counts), so a killed run restarts at the missing shards and ends with no record lost or duplicated.
+``--process_index/--process_count``: one generator per host, each making the shards ``i`` with
+``i % process_count == process_index`` on its own accelerators; together they make one set, which any
+host count resumes.
 """
 import hashlib
 import json
@@ -27,6 +30,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Directory for the shards and manifest.json.")
 config_flags.DEFINE_config_file("config", None, "Launch config; its `generator` section is used.", lock_config=True)
 flags.DEFINE_string("config_json", None, "A whole config as JSON (how the pipeline hands its config over).")
+flags.DEFINE_integer("process_index", 0, "This host's share of the shards: those i with i % process_count == it.")
+flags.DEFINE_integer("process_count", 1, "Hosts generating together into --output.")
 
 
 def _source_specs(config) -> list[tuple[str, str]]:
@@ -135,8 +140,12 @@ def _fingerprint(config, num_items: int) -> str:
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run(config, output: str) -> dict:
-  """Generates every missing shard; returns the manifest."""
+def done_path(output: str, shard: int) -> str:
+  return os.path.join(output, f"shard-{shard:05d}.done.json")
+
+
+def run(config, output: str, process_index: int = 0, process_count: int = 1) -> dict:
+  """Generates this process's missing shards; returns the manifest (with totals once every shard is done)."""
   hub.configure(config)
   if not config.data.prepared_dir:  # Standalone: the rules backend's prepared corpora live beside the output.
     config = config.copy_and_resolve_references()
@@ -147,25 +156,26 @@ def run(config, output: str) -> dict:
   fingerprint = _fingerprint(config, len(items))
   manifest_path = os.path.join(output, "manifest.json")
   manifest = {"fingerprint": fingerprint, "num_records": len(items), "shard_size": shard_size,
-              "num_shards": num_shards, "prompt_version": prompts.PROMPT_VERSION, "shards": {},
+              "num_shards": num_shards, "prompt_version": prompts.PROMPT_VERSION,
               "generator": config.generator.to_dict(), "complete": False}
   if os.path.exists(manifest_path):
     previous = io.read_json(manifest_path)
     if previous["fingerprint"] != fingerprint:
       raise ValueError(f"{output} holds negatives of another generator config or data "
                        f"(fingerprint {previous['fingerprint']} != {fingerprint}); pass a new --output")
-    manifest["shards"] = previous["shards"]
-  os.makedirs(output, exist_ok=True)
+  else:
+    io.write_json(manifest_path, manifest)  # every host writes the same: the set's identity, before any shard
   backend_cls = {"rules": RulesBackend, "qwen": QwenBackend}.get(config.generator.backend)
   if backend_cls is None:
     raise ValueError(f"config field generator.backend must be qwen or rules, got {config.generator.backend!r}")
   backend = None
-  progress = tqdm(total=len(items), unit="record", desc="negatives")
+  mine = range(process_index, num_shards, process_count)
+  progress = tqdm(total=sum(len(items[s * shard_size:(s + 1) * shard_size]) for s in mine), unit="record",
+                  desc=f"negatives (host {process_index} of {process_count})" if process_count > 1 else "negatives")
   new_tokens, started = 0, time.time()
-  for shard in range(num_shards):
-    name = f"shard-{shard:05d}.jsonl"
+  for shard in mine:
     shard_items = items[shard * shard_size:(shard + 1) * shard_size]
-    if name in manifest["shards"] and os.path.exists(os.path.join(output, name)):
+    if os.path.exists(done_path(output, shard)):
       progress.update(len(shard_items))
       continue
     backend = backend or backend_cls(config)  # The model loads only when there is work left.
@@ -182,16 +192,17 @@ def run(config, output: str) -> dict:
                       "reject_reason": reason, "new_tokens": tokens})
       counts[reason or "accepted"] = counts.get(reason or "accepted", 0) + 1
       new_tokens += tokens
-    io.write_jsonl(os.path.join(output, name), records)
-    manifest["shards"][name] = {"records": len(records), "counts": counts}
-    io.write_json(manifest_path, manifest)
+    io.write_jsonl(os.path.join(output, f"shard-{shard:05d}.jsonl"), records)
+    io.write_json(done_path(output, shard), {"records": len(records), "counts": counts})  # the shard is done
     progress.update(len(shard_items))
     if new_tokens:
       progress.set_postfix(tokens_per_s=f"{new_tokens / max(1e-9, time.time() - started):.0f}")
   progress.close()
+  if not all(os.path.exists(done_path(output, shard)) for shard in range(num_shards)):
+    return manifest  # other hosts' shards are still being made
   totals: dict = {}
-  for shard in manifest["shards"].values():
-    for reason, count in shard["counts"].items():
+  for shard in range(num_shards):
+    for reason, count in io.read_json(done_path(output, shard))["counts"].items():
       totals[reason] = totals.get(reason, 0) + count
   manifest.update(complete=True, counts=totals)
   io.write_json(manifest_path, manifest)
@@ -211,7 +222,7 @@ def main(argv):
       config = ml_collections.ConfigDict(json.load(file))
   if config is None:
     raise app.UsageError("--config or --config_json is required")
-  run(config, FLAGS.output)
+  run(config, FLAGS.output, FLAGS.process_index, FLAGS.process_count)
 
 
 if __name__ == "__main__":

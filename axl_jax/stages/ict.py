@@ -38,7 +38,7 @@ def run(ctx):
   config = ctx.config
   store = prepared.store(config, ctx.workdir.root)
   corpora = [(language, store.corpus(spec, language)) for language, spec in _corpus_specs(config)]
-  batches = batching.ICTBatches(corpora, ctx.tokenizer, training.batch_shape(config, config.ict), config.seed,
+  batches = batching.ICTBatches(corpora, ctx.tokenizer, training.batch_shape(ctx, config.ict), config.seed,
                                 config.data.query_max_length, config.data.passage_max_length,
                                 config.data.title_separator, config.ict.remove_sentence_prob,
                                 config.ict.min_sentence_chars)

@@ -3,10 +3,13 @@
 Each round starts from the previous training stage's final parameters (``round_1`` from
 ``adversarial.train.init_checkpoint`` when set) and
 1. generates candidates for ``finetune``'s training rows in the negatives subprocess (torch-free; a
-   killed round reuses its finished shards; the seed changes per round so later rounds see new candidates);
-2. scores every candidate that passed the generator's checks with the current retriever,
-   s(q, pos), s(q, neg) and the best BM25 negative's score, and keeps the hardest fraction per language
-   behind the false-negative guard (``adversarial.filter_decisions``); every decision goes to
+   killed round reuses its finished shards; the seed changes per round so later rounds see new candidates).
+   The candidates do not depend on the retriever, so the pipeline runs this step (``offline``) for every
+   round before the run's JAX process opens the accelerators: the generator owns them (a TPU opens to
+   one process), each host generating its share of the shards;
+2. scores every candidate that passed the generator's checks with the current retriever (each process a
+   block of them), s(q, pos), s(q, neg) and the best BM25 negative's score, and keeps the hardest fraction
+   per language behind the false-negative guard (``adversarial.filter_decisions``); every decision goes to
    ``decisions.jsonl`` so a user can audit what was trained on;
 3. trains on groups of the positive, kept adversarial negatives and BM25 negatives;
 4. evaluates on dev and keeps the round's statistics in its manifest and TensorBoard files.
@@ -26,7 +29,7 @@ import sys
 import numpy as np
 from absl import logging
 
-from axl_jax import adversarial, data, embeddings, io, prepared, trainer
+from axl_jax import adversarial, data, distributed, embeddings, io, prepared, trainer
 from axl_jax.negatives import prompts
 from axl_jax.negatives.records import read_records
 from axl_jax.stages import StageResult, evaluate, training
@@ -87,7 +90,13 @@ def check_config(config, name):
   return training.rows_specs(config, config.finetune) + dev
 
 
-def _generate(ctx) -> list[dict]:
+def _negatives_dir(ctx) -> str:
+  return os.path.join(ctx.stage_dir, "negatives")
+
+
+def offline(ctx) -> None:
+  """Generates this host's share of the round's candidates in the negatives subprocess (before any stage
+  runs, while no JAX process of this run holds the accelerators); a killed run resumes at the missing shards."""
   config = ctx.config.copy_and_resolve_references()
   config.generator.seed = ctx.config.generator.seed + number(ctx.name)
   # The round trains on finetune's rows, so it generates for exactly those.
@@ -95,12 +104,20 @@ def _generate(ctx) -> list[dict]:
   config.generator.train_data = ""
   config.data.prepared_dir = prepared.store(ctx.config, ctx.workdir.root).root  # the run's prepared corpora
   config_path = os.path.join(ctx.stage_dir, "generator_config.json")
-  io.write_json(config_path, json.loads(config.to_json_best_effort()))
-  output = os.path.join(ctx.stage_dir, "negatives")
-  command = [sys.executable, "-m", "axl_jax.negatives.generate", f"--config_json={config_path}", f"--output={output}"]
+  if distributed.process_index() == 0:
+    io.write_json(config_path, json.loads(config.to_json_best_effort()))
+  distributed.barrier(f"{ctx.name} generator config")
+  command = [sys.executable, "-m", "axl_jax.negatives.generate", f"--config_json={config_path}",
+             f"--output={_negatives_dir(ctx)}", f"--process_index={distributed.process_index()}",
+             f"--process_count={distributed.process_count()}"]
+  env = dict(os.environ)
+  for setting in filter(None, (part.strip() for part in config.generator.env.split(","))):
+    name, equals, value = setting.partition("=")
+    if not equals:
+      raise ValueError(f"config field generator.env: {setting!r} is not NAME=value")
+    env[name.strip()] = value.strip()
   logging.info("%s: generating negatives: %s", ctx.name, " ".join(command))
-  subprocess.run(command, check=True)
-  return read_records(output)
+  subprocess.run(command, check=True, env=env)
 
 
 def _score(encoder: embeddings.Encoder, records: list[dict], rows, title_separator: str, batch_size: int):
@@ -163,7 +180,10 @@ def _statistics(records_all: list[dict], records: list[dict], decisions: list[di
 
 
 def _decisions(ctx, encoder, records, rows) -> list[dict]:
-  """Scores and filter decisions of ``records``; reused from an interrupted run only if made the same way."""
+  """Scores and filter decisions of ``records``; reused from an interrupted run only if made the same way.
+
+  Each process scores a block of the records; every process reads all blocks and makes the same decisions
+  (they are a pure function of the scores and the seed); process 0 writes them."""
   config = ctx.config
   filter_fields = {k: config.adversarial[k] for k in ("keep_fraction", "selection", "guard", "guard_margin")}
   key = hashlib.sha256(json.dumps([_DECISIONS_FORMAT, filter_fields, config.seed + number(ctx.name), encoder.key,
@@ -172,19 +192,28 @@ def _decisions(ctx, encoder, records, rows) -> list[dict]:
   path, key_path = decisions_path(ctx.workdir, ctx.name), os.path.join(ctx.stage_dir, "decisions.key.json")
   if os.path.exists(path) and os.path.exists(key_path) and io.read_json(key_path).get("key") == key:
     return io.read_jsonl(path)  # A resumed round does not score again.
-  positive, negative, bm25_best, titles = _score(encoder, records, rows, config.data.title_separator,
-                                                 config.adversarial.score_batch_size)
+  block = distributed.block(len(records))
+  scores = _score(encoder, records[block], rows, config.data.title_separator, config.adversarial.score_batch_size)
+  if distributed.process_count() > 1:
+    part = os.path.join(ctx.stage_dir, "scores", f"{key}.{{}}.json")
+    io.write_json(part.format(distributed.process_index()), [np.asarray(s).tolist() if i < 2 else s
+                                                             for i, s in enumerate(scores)])
+    distributed.barrier(f"{ctx.name} scored")
+    parts = [io.read_json(part.format(process)) for process in range(distributed.process_count())]
+    scores = [sum((p[i] for p in parts), []) for i in range(4)]
+  positive, negative, bm25_best, titles = scores
   decisions = adversarial.filter_decisions(
-      positive, negative, [r["language"] for r in records], keep_fraction=config.adversarial.keep_fraction,
-      selection=config.adversarial.selection, guard=config.adversarial.guard,
-      guard_margin=config.adversarial.guard_margin, seed=config.seed + number(ctx.name))
+      np.asarray(positive, np.float64), np.asarray(negative, np.float64), [r["language"] for r in records],
+      keep_fraction=config.adversarial.keep_fraction, selection=config.adversarial.selection,
+      guard=config.adversarial.guard, guard_margin=config.adversarial.guard_margin, seed=config.seed + number(ctx.name))
   for decision, record, pos, neg, bm25, title in zip(decisions, records, positive, negative, bm25_best, titles):
     decision.update(query_id=record["query_id"], technique=record["technique"], language=record["language"],
                     source_docid=record["source_docid"], score_positive=float(pos), score_negative=float(neg),
                     score_best_bm25=bm25, title=title, text=record["text"])
-  io.write_jsonl(path, decisions)
-  io.write_json(key_path, {"key": key, "filter": filter_fields, "scored_with": encoder.checkpoint,
-                           "checkpoint_digest": encoder.digest})
+  if distributed.process_index() == 0:
+    io.write_jsonl(path, decisions)
+    io.write_json(key_path, {"key": key, "filter": filter_fields, "scored_with": encoder.checkpoint,
+                             "checkpoint_digest": encoder.digest})
   return decisions
 
 
@@ -207,7 +236,7 @@ def run(ctx) -> StageResult:
   start = _init_checkpoint(config, ctx.name) or ctx.workdir.checkpoints(ctx.inputs[0])
   rows = prepared.training_rows(config, config.finetune, prepared.store(config, ctx.workdir.root))
 
-  records_all = _generate(ctx)
+  records_all = read_records(_negatives_dir(ctx))  # made by ``offline`` before the run's stages started
   records = [r for r in records_all if r["accepted"]]
   decisions = _decisions(ctx, embeddings.Encoder(start, config, ctx.tokenizer), records, rows)
 
@@ -230,7 +259,8 @@ def run(ctx) -> StageResult:
   writer = trainer.create_writer(config, os.path.join(ctx.stage_dir, "round_stats"))
   writer.write_scalars(number(ctx.name), {k: v for k, v in stats.items() if isinstance(v, (int, float))})
   writer.flush()
-  io.write_json(os.path.join(ctx.stage_dir, "round_stats.json"), stats)
+  if distributed.process_index() == 0:
+    io.write_json(os.path.join(ctx.stage_dir, "round_stats.json"), stats)
   logging.info("%s: %d candidates, %d passed the checks, %d kept; dev MRR@100 %.3f", ctx.name, stats["candidates"],
                stats["accepted_by_checks"], stats["kept"], stats["dev/avg/MRR@100"])
   return StageResult({**result.metrics, **stats}, result.checkpoint)

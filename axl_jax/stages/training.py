@@ -91,14 +91,14 @@ def train(ctx, stage_config, batches, init_checkpoint: str = "") -> StageResult:
   return StageResult(final_metrics, str(directory))
 
 
-def batch_shape(config, stage_config) -> batching.BatchShape:
-  return batching.batch_shape(config, stage_config, jax.process_index(), jax.process_count())
+def batch_shape(ctx, stage_config) -> batching.BatchShape:
+  return batching.batch_shape(ctx.config, stage_config, jax.process_index(), jax.process_count(), ctx.name)
 
 
 def supervised_batches(ctx, stage_config, rows, seed: int, **adversarial) -> batching.SupervisedBatches:
   """Batches of ``rows`` (prepared rows, or a list of ``TrainExample``)."""
   config = ctx.config
-  return batching.SupervisedBatches(rows, ctx.tokenizer, batch_shape(config, stage_config), seed,
+  return batching.SupervisedBatches(rows, ctx.tokenizer, batch_shape(ctx, stage_config), seed,
                                     config.data.query_max_length, config.data.passage_max_length,
                                     config.data.title_separator, **adversarial)
 
