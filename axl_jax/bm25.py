@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import unicodedata
 
-import bm25s
 import numpy as np
 
 from axl_jax import metrics
@@ -33,6 +32,7 @@ def char_ngrams(text: str, n: int = 3) -> list[str]:
 
 def bm25_run(passage_ids: list[str], passage_texts: list[str], query_ids: list[str], queries: list[str],
              depth: int = 100, k1: float = 0.9, b: float = 0.4) -> dict[str, dict[str, float]]:
+  import bm25s  # here, not at the top: importing it runs a JAX op, which opens the devices
   retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
   retriever.index([char_ngrams(text) for text in passage_texts], show_progress=False)
   query_grams = [list(dict.fromkeys(char_ngrams(query))) or ["<empty>"] for query in queries]

@@ -59,6 +59,12 @@ def process_index() -> int:
   return state.process_id if state.client is not None else 0
 
 
+def backends_started() -> bool:
+  """Whether this process has opened its JAX devices (after which a subprocess may not get them)."""
+  from jax._src import xla_bridge
+  return xla_bridge.backends_are_initialized()
+
+
 def process_count() -> int:
   state = _state()
   return state.num_processes if state.client is not None else 1

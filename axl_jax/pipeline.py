@@ -337,11 +337,17 @@ def run(config, workdir_path: str) -> dict[str, dict]:
       logging.warning("Stage %s is recomputed: %s", step.name, step.reason)
       workdir.discard(step.name)
   offline = [step for step in steps if step.action != "skip" and hasattr(step.module, "offline")]
+  if offline and distributed.backends_started():
+    logging.warning("JAX opened its devices before the offline steps of %s (a run inside a process that used JAX "
+                    "already): their subprocesses share the accelerators with it", ", ".join(s.name for s in offline))
   for step in offline:
     workdir.start(step.name, step.fingerprint, step.fields, step.inputs)
     step.module.offline(context(step))
   if offline:
     distributed.barrier("offline work done")  # every host's share, before a stage reads it
+  import jax
+  logging.info("Process %d of %d opens its devices: %s", jax.process_index(), jax.process_count(), jax.local_devices())
+  validate_config(config)  # again, now that the batch sizes can be checked against the devices
   outcome = {}
   for step in steps:
     if step.action == "skip":

@@ -106,8 +106,6 @@ def train(stage_name: str, stage_config, config, workdir: str, batches, initial_
   raises ``ValueError`` instead of continuing someone else's run.
   """
   stage_dir = os.path.join(workdir, stage_name)
-  logging.info("%s: process %d of %d, %d local of %d devices: %s", stage_name, jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.local_devices())
   model = BiEncoder(config.model)
   optimizer = ts.create_optimizer(stage_config)
   learning_rate = ts.create_learning_rate_fn(stage_config)

@@ -1,9 +1,11 @@
 """Real multi-process runs on this machine: ``jax.distributed`` with a local coordinator, gloo collectives
 between CPU processes, each process with simulated devices. A pod slice is this, with hosts for processes."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -15,6 +17,8 @@ coordinator, num_processes, process_id, workdir, mode = sys.argv[1], int(sys.arg
 from axl_jax import distributed
 distributed.initialize(coordinator, num_processes, process_id) if num_processes > 1 else None
 import jax
+from absl import logging
+logging.set_verbosity(logging.INFO)  # the trainer says when it resumes
 import configs.default
 from axl_jax import batching, checkpoints, encoder, trainer
 from axl_jax.data import Passage, TrainExample
@@ -33,9 +37,12 @@ config = configs.default.get_config()
 config.model = tiny_model_config()
 config.data.update(query_max_length=16, passage_max_length=24, passage_length_buckets="16,24")
 # Plain SGD without clipping: a gradient scaled by the host count (or missing a host's rows) changes the result.
-stage = configs.default.train_stage(num_steps=5, batch_size=8, group_size=2, optimizer="sgd", learning_rate=0.05,
-                                    warmup_steps=1, grad_clip_norm=0.0, weight_decay=0.0, checkpoint_every=5,
-                                    log_every=5, temperature=0.5)
+# train[:steps:checkpoint_every:seconds to wait before each batch] (a slow run gives a test time to kill it)
+steps, every, wait = (int(mode.split(":")[1]), int(mode.split(":")[2]), float(mode.split(":")[3])) \
+    if mode.startswith("train:") else (5, 5, 0.0)
+stage = configs.default.train_stage(num_steps=steps, batch_size=8, group_size=2, optimizer="sgd", learning_rate=0.05,
+                                    warmup_steps=1, grad_clip_norm=0.0, weight_decay=0.0, checkpoint_every=every,
+                                    log_every=every, temperature=0.5, keep_checkpoints=10)
 examples = [TrainExample(f"q{i}", f"question {i} about {chr(97 + i)}", (Passage(f"p{i}", "", f"answer {i} {chr(97 + i)} " * 2),),
                          (Passage(f"n{i}", "", f"other text {i * 7}"),), "en") for i in range(24)]
 if mode.startswith("export:"):  # export:<checkpoint>: bn's corpus and dev queries, 6 corpus shards
@@ -62,6 +69,10 @@ if mode.startswith("evaluate:"):  # evaluate:<checkpoint>: dense retrieval on bn
   sys.exit(0)
 shape = batching.batch_shape(config, stage, jax.process_index(), jax.process_count())
 batches = batching.SupervisedBatches(examples, CharTokenizer(), shape, 0, 16, 24, " ")
+if wait:
+  import time
+  make_batch = batches.batch
+  batches.batch = lambda step: (time.sleep(wait), make_batch(step))[1]
 params = encoder.init_params(config.model, jax.random.key(0))
 final, directory = trainer.train("multihost", stage, config, workdir, batches,
                                  lambda: jax.device_put(params, checkpoints.replicated_sharding()))
@@ -75,25 +86,39 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def _run(workdir: str, processes: int, devices_per_process: int, mode: str = "train"):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+def _env(devices_per_process: int) -> dict:
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+
+
+def _start(workdir: str, processes: int, devices_per_process: int, mode: str = "train") -> list:
   coordinator = f"127.0.0.1:{_free_port()}"
-  running = [subprocess.Popen([sys.executable, "-c", WORKER, coordinator, str(processes), str(index), workdir, mode],
-                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for index in range(processes)]
+  return [subprocess.Popen([sys.executable, "-c", WORKER, coordinator, str(processes), str(index), workdir, mode],
+                           env=_env(devices_per_process), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True) for index in range(processes)]
+
+
+def _wait(running: list) -> list[str]:
   outputs = [process.communicate(timeout=600) for process in running]
   for process, (_, stderr) in zip(running, outputs):
     assert process.returncode == 0, stderr[-4000:]
+  return [stderr for _, stderr in outputs]
+
+
+def _run(workdir: str, processes: int, devices_per_process: int, mode: str = "train") -> list[str]:
+  return _wait(_start(workdir, processes, devices_per_process, mode))
+
+
+def _params(workdir):
+  from axl_jax import checkpoints
+  return checkpoints.restore_params(os.path.join(workdir, "multihost", "checkpoints"), tiny_model_config())[0]
 
 
 def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path):
-  from axl_jax import checkpoints
   _run(str(tmp_path / "one"), 1, 4)
   _run(str(tmp_path / "two"), 2, 2)
   model = tiny_model_config()
-  one, _ = checkpoints.restore_params(str(tmp_path / "one" / "multihost" / "checkpoints"), model)
-  two, _ = checkpoints.restore_params(str(tmp_path / "two" / "multihost" / "checkpoints"), model)
+  one, two = _params(str(tmp_path / "one")), _params(str(tmp_path / "two"))
   import jax
   initial = None
   for path, a, b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(one), jax.tree.leaves(two)):
@@ -135,3 +160,62 @@ def test_evaluate_by_two_processes_equals_evaluate_by_one(tmp_path):
   assert one == two and len(one.splitlines()) == 17 * 100
   partials = sorted(os.listdir(tmp_path / "two" / "out" / "partial"))
   assert partials == ["model.bn.dev.0.json", "model.bn.dev.1.json", "results.dev.json"]
+
+
+def test_a_killed_process_and_both_restarted_train_like_an_uninterrupted_run(tmp_path):
+  import jax
+  _run(str(tmp_path / "whole"), 2, 2, "train:12:3:0")
+  interrupted = str(tmp_path / "interrupted")
+  running = _start(interrupted, 2, 2, "train:12:3:0.5")
+  saved = os.path.join(interrupted, "multihost", "checkpoints", "6")  # orbax renames a finished save to its step
+  deadline = time.time() + 300
+  while not os.path.isdir(saved) and time.time() < deadline and all(p.poll() is None for p in running):
+    time.sleep(0.05)
+  assert os.path.isdir(saved), "the run ended or stalled before its step-6 checkpoint"
+  running[1].send_signal(signal.SIGKILL)  # one host dies mid-stage...
+  time.sleep(1)
+  running[0].send_signal(signal.SIGKILL)  # ...and the launcher stops the other (it would wait in a collective)
+  for process in running:
+    process.communicate(timeout=60)
+  assert not os.path.isdir(os.path.join(interrupted, "multihost", "checkpoints", "12"))
+  logs = _run(interrupted, 2, 2, "train:12:3:0")
+  assert all("resuming from step" in log for log in logs)
+  for a, b in zip(jax.tree.leaves(_params(str(tmp_path / "whole"))), jax.tree.leaves(_params(interrupted))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+
+
+def _pipeline(workdir: str, processes: int, devices_per_process: int) -> None:
+  """``axl_jax.main`` on the tiny config (finetune, then a rules round), as each host of a launch runs it."""
+  coordinator = f"127.0.0.1:{_free_port()}"
+  flags = [f"--coordinator_address={coordinator}", f"--num_processes={processes}"] if processes > 1 else []
+  running = [subprocess.Popen(
+      [sys.executable, "-m", "axl_jax.main", "--config=tests/configs/tiny.py", f"--workdir={workdir}",
+       "--config.stages=finetune,round_1", "--config.generator.backend=rules", "--config.generator.shard_size=8",
+       *flags, *([f"--process_id={index}"] if processes > 1 else [])],
+      env=_env(devices_per_process), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for index in range(processes)]
+  for log in _wait(running):
+    # The generator ran before this process opened the devices (on a TPU it could not open them otherwise).
+    assert log.index("round_1: generating negatives") < log.index("Stage finetune starts")
+    assert "JAX opened its devices before the offline steps" not in log
+
+
+def test_a_rules_round_on_two_processes_keeps_the_negatives_of_one(tmp_path):
+  from axl_jax import io
+  from axl_jax.negatives.records import read_records
+  _pipeline(str(tmp_path / "one"), 1, 4)
+  _pipeline(str(tmp_path / "two"), 2, 2)
+  one, two = (os.path.join(tmp_path, name, "round_1") for name in ("one", "two"))
+  # Each process generated every other shard; together they are the one-process set.
+  assert read_records(os.path.join(two, "negatives")) == read_records(os.path.join(one, "negatives"))
+  decisions_one, decisions_two = (io.read_jsonl(os.path.join(d, "decisions.jsonl")) for d in (one, two))
+  assert len(decisions_one) == len(decisions_two) > 20
+  kept = lambda decisions: [(d["language"], d["query_id"], d["technique"], d["text"]) for d in decisions if d["kept"]]
+  assert kept(decisions_two) == kept(decisions_one) and kept(decisions_one)
+  for field in ("score_positive", "score_negative"):
+    np.testing.assert_allclose([d[field] for d in decisions_two], [d[field] for d in decisions_one], atol=1e-4)
+  # Each process scored a block of the candidates.
+  assert len(os.listdir(os.path.join(two, "scores"))) == 2
+  stats_one, stats_two = (io.read_json(os.path.join(d, "round_stats.json")) for d in (one, two))
+  assert stats_two["kept"] == stats_one["kept"]
+  assert abs(stats_two["dev/avg/MRR@100"] - stats_one["dev/avg/MRR@100"]) < 1e-3

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 from absl import logging
 
-from axl_jax import batching, checkpoints, data, encoder, hf_checkpoint, prepared, trainer
+from axl_jax import batching, checkpoints, data, distributed, encoder, hf_checkpoint, prepared, trainer
 from axl_jax.stages import StageResult
 
 TRAINING_STAGES = ("ict", "pretrain", "finetune")
@@ -48,9 +48,12 @@ def stage_fields(prefix: str, stage_config, init_checkpoint: str) -> dict:
 
 
 def check_stage(config, prefix: str, stage_config):
+  """The stage's fields; the batch against the device count once the process has opened its devices (the
+  pipeline validates again then: before, the rounds' generators may own them)."""
+  devices = jax.device_count() if distributed.backends_started() else stage_config.batch_size
   checks = [
-      (stage_config.batch_size % jax.device_count() == 0,
-       f"{prefix}.batch_size ({stage_config.batch_size}) must be a multiple of the device count ({jax.device_count()})"),
+      (stage_config.batch_size % devices == 0,
+       f"{prefix}.batch_size ({stage_config.batch_size}) must be a multiple of the device count ({devices})"),
       (stage_config.group_size >= 1, f"{prefix}.group_size must be at least 1"),
       (stage_config.num_steps >= 1, f"{prefix}.num_steps must be at least 1"),
   ]
