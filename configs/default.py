@@ -135,7 +135,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.generator.train_data = ""            # training rows whose positives are rewritten ("" = finetune's)
   config.generator.max_queries_per_language = 0  # 0 = all
   config.generator.shard_size = 512           # records per output shard (the unit of resumption)
-  # Environment of the generator process, "NAME=value,NAME=value": e.g. on a multi-host TPU slice, the
+  # Environment of the generator process, "NAME=value NAME=value": e.g. on a multi-host TPU slice, the
   # variables that make each host's generator a one-host slice of its own chips (README: many hosts).
   config.generator.env = ""
 

@@ -78,6 +78,7 @@ def _launch(*overrides):
     ("--config.adversarial.train.languages=en", "languages"),
     ("--config.data.languages=en,zz", "unknown language code 'zz'"),
     ("--config.data.root=/nonexistent", "does not exist"),
+    ("--config.generator.env=TPU_PROCESS_BOUNDS", "generator.env: 'TPU_PROCESS_BOUNDS' is not NAME=value"),
 ])
 def test_config_mistakes_fail_at_launch(override, message):
   result = _launch(override)
@@ -99,3 +100,15 @@ def test_every_shipped_config_loads_and_validates_its_fields():
     pipeline.validate_config(config)
   with pytest.raises(ValueError, match="unknown ablation 'bogus'"):
     importlib.import_module("configs.ablations").get_config("bogus")
+
+
+def test_a_batch_that_does_not_split_over_the_devices_fails_before_any_stage(tmp_path):
+  # Checked once the devices are open (after the rounds' generators, which may own them), before a stage runs.
+  result = subprocess.run([sys.executable, "-m", "axl_jax.main", "--config=tests/configs/tiny.py",
+                           f"--workdir={tmp_path}", "--config.stages=ict,finetune", "--config.finetune.batch_size=6"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+                                   XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert result.returncode != 0
+  assert "finetune.batch_size (6) must be a multiple of the device count (4)" in result.stderr
+  assert not os.path.exists(tmp_path / "ict")

@@ -185,12 +185,12 @@ def test_a_killed_process_and_both_restarted_train_like_an_uninterrupted_run(tmp
 
 
 def _pipeline(workdir: str, processes: int, devices_per_process: int) -> None:
-  """``axl_jax.main`` on the tiny config (finetune, then a rules round), as each host of a launch runs it."""
+  """``axl_jax.main`` on the tiny config (finetune, a rules round, the plots), as each host of a launch runs it."""
   coordinator = f"127.0.0.1:{_free_port()}"
   flags = [f"--coordinator_address={coordinator}", f"--num_processes={processes}"] if processes > 1 else []
   running = [subprocess.Popen(
       [sys.executable, "-m", "axl_jax.main", "--config=tests/configs/tiny.py", f"--workdir={workdir}",
-       "--config.stages=finetune,round_1", "--config.generator.backend=rules", "--config.generator.shard_size=8",
+       "--config.stages=finetune,round_1,visualize", "--config.generator.backend=rules", "--config.generator.shard_size=8",
        *flags, *([f"--process_id={index}"] if processes > 1 else [])],
       env=_env(devices_per_process), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for index in range(processes)]
@@ -219,3 +219,4 @@ def test_a_rules_round_on_two_processes_keeps_the_negatives_of_one(tmp_path):
   stats_one, stats_two = (io.read_json(os.path.join(d, "round_stats.json")) for d in (one, two))
   assert stats_two["kept"] == stats_one["kept"]
   assert abs(stats_two["dev/avg/MRR@100"] - stats_one["dev/avg/MRR@100"]) < 1e-3
+  assert os.path.exists(os.path.join(tmp_path, "two", "visualize", "clusters.png"))

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from axl_jax import checkpoints, hf_checkpoint
+from axl_jax import checkpoints, distributed, hf_checkpoint
 from axl_jax.stages import StageResult, export
 
 EXPENSIVE = False
@@ -32,7 +32,8 @@ def run(ctx) -> StageResult:
     # The lengths the towers were trained with; a tied model reads passages, the longer of the two.
     data_config = ctx.config.data
     max_length = data_config.query_max_length if name == "query" else data_config.passage_max_length
-    hf_checkpoint.export_encoder(tower_params, model_config, ctx.tokenizer, directories[name],
-                                 max_seq_length=max_length)
+    if distributed.process_index() == 0:  # every process restored the checkpoint; one writes it
+      hf_checkpoint.export_encoder(tower_params, model_config, ctx.tokenizer, directories[name],
+                                   max_seq_length=max_length)
   logging.info("Exported %s to %s", checkpoint, directories)
   return StageResult({"checkpoint": checkpoint, **directories})

@@ -80,6 +80,7 @@ def check_config(config, name):
     raise ValueError(f"config: adversarial.selection must be one of {','.join(adversarial.SELECTIONS)}")
   if config.generator.backend not in ("qwen", "rules"):
     raise ValueError("config: generator.backend must be qwen or rules")
+  generator_env(config)
   if not data.parse_languages(config.finetune.languages, "finetune.languages"):
     raise ValueError("config: the rounds generate for finetune's rows per language: set finetune.languages")
   dev = []
@@ -88,6 +89,17 @@ def check_config(config, name):
     if config.data.qrels:
       dev.append(data.expand_spec(config.data.qrels, config.data.root, language, "dev"))
   return training.rows_specs(config, config.finetune) + dev
+
+
+def generator_env(config) -> dict[str, str]:
+  """``generator.env`` ("NAME=value NAME=value") as a dict."""
+  env = {}
+  for setting in config.generator.env.split():
+    name, equals, value = setting.partition("=")
+    if not equals or not name:
+      raise ValueError(f"config field generator.env: {setting!r} is not NAME=value")
+    env[name] = value
+  return env
 
 
 def _negatives_dir(ctx) -> str:
@@ -110,12 +122,7 @@ def offline(ctx) -> None:
   command = [sys.executable, "-m", "axl_jax.negatives.generate", f"--config_json={config_path}",
              f"--output={_negatives_dir(ctx)}", f"--process_index={distributed.process_index()}",
              f"--process_count={distributed.process_count()}"]
-  env = dict(os.environ)
-  for setting in filter(None, (part.strip() for part in config.generator.env.split(","))):
-    name, equals, value = setting.partition("=")
-    if not equals:
-      raise ValueError(f"config field generator.env: {setting!r} is not NAME=value")
-    env[name.strip()] = value.strip()
+  env = dict(os.environ, **generator_env(config))
   logging.info("%s: generating negatives: %s", ctx.name, " ".join(command))
   subprocess.run(command, check=True, env=env)
 

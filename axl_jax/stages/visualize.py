@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from axl_jax import data, embeddings, io, prepared
+from axl_jax import data, distributed, embeddings, io, prepared
 from axl_jax.stages import StageResult, evaluate, round as rounds, training
 
 EXPENSIVE = False
@@ -135,6 +135,11 @@ def run(ctx) -> StageResult:
     xy = _project(vectors, config.visualize.perplexity, config.seed)
     _scatter(axes[row, 0], xy, languages, f"{title}: by language")
     _scatter(axes[row, 1], xy, roles, f"{title}: by role")
+  counts = {role: roles.count(role) for role in ROLES}
+  metrics = {"points": len(points), **{f"points/{r}": c for r, c in counts.items()}}
+  if distributed.process_index() > 0:  # Every process encodes (as restoring a checkpoint wants); process 0 draws.
+    plt.close(figure)
+    return StageResult(metrics)
   figure.tight_layout()
   figure.savefig(os.path.join(out, "clusters.png"), dpi=110)
   plt.close(figure)
@@ -167,7 +172,6 @@ def run(ctx) -> StageResult:
     figure.savefig(os.path.join(out, "metrics.png"), dpi=110)
     plt.close(figure)
 
-  counts = {role: roles.count(role) for role in ROLES}
   io.write_json(os.path.join(out, "points.json"), {"total": len(points), "by_role": counts, "models": list(models)})
   lines = ["# Run report", "", f"Workdir: `{workdir.root}`", ""]
   if results:
@@ -185,5 +189,5 @@ def run(ctx) -> StageResult:
   lines += ["## Embedding space", "", f"{len(points)} points: " + ", ".join(f"{c} {r}" for r, c in counts.items()),
             "", "![t-SNE of the embedding space](clusters.png)", ""]
   io.write_text(os.path.join(out, "report.md"), "\n".join(lines))
-  return StageResult({"points": len(points), **{f"points/{r}": c for r, c in counts.items()}})
+  return StageResult(metrics)
 
