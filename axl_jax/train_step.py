@@ -77,12 +77,51 @@ def create_train_state(params, optimizer: optax.GradientTransformation) -> Train
                     skipped_steps=jnp.zeros((), jnp.int32))
 
 
+def _chunked(array, chunks: int):
+  """``[N, ...]`` as ``[chunks, N / chunks, ...]``."""
+  return array.reshape((chunks, array.shape[0] // chunks) + array.shape[1:])
+
+
+def cached_loss_and_grads(params, batch, rng, *, model: BiEncoder, temperature: float, chunks: int):
+  """GradCache (Gao et al., 2021; Tevatron's ``grad_cache``): the gradient of the contrastive loss over the
+  whole batch with the activations of one sub-batch in memory at a time.
+
+  1. embed every sub-batch of queries and of passages without keeping activations;
+  2. the loss over all embeddings (all-gathered across devices, as in the plain step) and its gradient with
+     respect to the embeddings (the cache);
+  3. embed each sub-batch again, now differentiably, and pull its cached gradient back to the parameters.
+  The parameter gradient equals the plain step's (dropout masks are drawn per sub-batch, the same in 1 and 3).
+  """
+  def encoder_of(method):
+    return lambda p, ids, lengths, key: model.apply({"params": p}, ids, lengths, deterministic=False,
+                                                    rngs={"dropout": key}, method=method)
+  towers = [(encoder_of(BiEncoder.encode_queries), "query", jax.random.fold_in(rng, 0)),
+            (encoder_of(BiEncoder.encode_passages), "passage", jax.random.fold_in(rng, 1))]
+  inputs = [(_chunked(batch[f"{name}_ids"], chunks), _chunked(batch[f"{name}_lengths"], chunks),
+             jax.random.split(key, chunks)) for _, name, key in towers]
+  frozen = jax.lax.stop_gradient(params)
+  embeddings = [jax.lax.map(lambda x, encode=encode: encode(frozen, *x), chunk_inputs).reshape(
+      chunk_inputs[0].shape[0] * chunk_inputs[0].shape[1], -1) for (encode, _, _), chunk_inputs in zip(towers, inputs)]
+  (loss, accuracy), cached = jax.value_and_grad(
+      lambda q, p: contrastive_loss(q, p, temperature, AXIS), argnums=(0, 1), has_aux=True)(*embeddings)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  for (encode, _, _), chunk_inputs, cache in zip(towers, inputs, cached):
+    def accumulate(total, x, encode=encode):
+      ids, lengths, key, cotangent = x
+      _, pull_back = jax.vjp(lambda p: encode(p, ids, lengths, key), params)
+      return jax.tree.map(jnp.add, total, pull_back(cotangent)[0]), None
+    grads, _ = jax.lax.scan(accumulate, grads, (*chunk_inputs, _chunked(cache, chunks)))
+  return (loss, accuracy), grads
+
+
 def train_step(state: TrainState, batch, dropout_rng, *, model: BiEncoder, optimizer, temperature: float,
-               learning_rate_fn: optax.Schedule | None = None):
+               learning_rate_fn: optax.Schedule | None = None, grad_cache_chunks: int = 1):
   """One optimiser step on this device's share of the global batch (call under ``pmap``).
 
   With ``learning_rate_fn`` (the schedule inside ``optimizer``), the metrics carry the learning rate
-  this step's update used, read at the optimiser's own count rather than at ``state.step``.
+  this step's update used, read at the optimiser's own count rather than at ``state.step``. With
+  ``grad_cache_chunks`` > 1 the gradient is computed by GradCache over that many sub-batches per device
+  (``cached_loss_and_grads``): the same gradient, the activations of one sub-batch in memory.
   """
   rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), jax.lax.axis_index(AXIS))
 
@@ -92,7 +131,11 @@ def train_step(state: TrainState, batch, dropout_rng, *, model: BiEncoder, optim
         batch["passage_lengths"], deterministic=False, rngs={"dropout": rng})
     return contrastive_loss(query_embeddings, passage_embeddings, temperature, AXIS)
 
-  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if grad_cache_chunks > 1:
+    (loss, accuracy), grads = cached_loss_and_grads(state.params, batch, rng, model=model, temperature=temperature,
+                                                    chunks=grad_cache_chunks)
+  else:
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   # The all_gather's transpose already routed every device's loss to every passage, so the mean of
   # the per-device gradients is the gradient of the global mean loss.
   grads = jax.lax.pmean(grads, AXIS)
@@ -113,13 +156,13 @@ def train_step(state: TrainState, batch, dropout_rng, *, model: BiEncoder, optim
 
 
 def make_parallel_train_step(model: BiEncoder, optimizer, temperature: float,
-                             learning_rate_fn: optax.Schedule | None = None):
+                             learning_rate_fn: optax.Schedule | None = None, grad_cache_chunks: int = 1):
   """``train_step`` pmapped over the local devices, state un-replicated and donated.
 
   Arguments: the state, a batch whose arrays lead with the local device count, a dropout key.
   """
   step = functools.partial(train_step, model=model, optimizer=optimizer, temperature=temperature,
-                           learning_rate_fn=learning_rate_fn)
+                           learning_rate_fn=learning_rate_fn, grad_cache_chunks=grad_cache_chunks)
   return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=(0,))
 
 

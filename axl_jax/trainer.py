@@ -129,7 +129,8 @@ def train(stage_name: str, stage_config, config, workdir: str, batches, initial_
   # The step reports the learning rate at the optimiser's own count: skipped steps keep the old
   # optimiser state, so the schedule falls behind ``state.step`` and ``learning_rate(step)`` would drift.
   p_train_step = ts.make_parallel_train_step(model, optimizer, stage_config.temperature,
-                                             learning_rate_fn=learning_rate)
+                                             learning_rate_fn=learning_rate,
+                                             grad_cache_chunks=stage_config.get("grad_cache_chunks", 1))
   # One dropout stream per stage, folded with the step inside the step function.
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), sum(map(ord, stage_name)))
   writer = create_writer(config, stage_dir)

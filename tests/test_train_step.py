@@ -22,7 +22,8 @@ params = encoder.init_params(model_config, jax.random.key(0))
 initial = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(params)])
 optimizer = optax.sgd(0.02)
 state = ts.create_train_state(params, optimizer)
-step = ts.make_parallel_train_step(encoder.BiEncoder(model_config), optimizer, temperature=0.5)
+step = ts.make_parallel_train_step(encoder.BiEncoder(model_config), optimizer, temperature=0.5,
+                                   grad_cache_chunks=CHUNKS)
 rng = np.random.default_rng(1)
 queries, group = 8, 3
 lengths_q = rng.integers(2, 9, queries); lengths_p = rng.integers(2, 13, queries * group)
@@ -41,8 +42,8 @@ print(json.dumps({"losses": losses, "grad_norms": grad_norms, "devices": jax.loc
 """
 
 
-def _run(devices, out):
-  result = run_python(f"OUT={out!r}\n" + STEP_SCRIPT, devices=devices)
+def _run(devices, out, chunks=1):
+  result = run_python(f"OUT={out!r}\nCHUNKS={chunks}\n" + STEP_SCRIPT, devices=devices)
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -60,6 +61,21 @@ def test_one_device_equals_four_devices():
     params_one = np.load(os.path.join(tmp, "one.npy"))
     params_four = np.load(os.path.join(tmp, "four.npy"))
     np.testing.assert_allclose(params_one, params_four, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_cache_step_equals_the_plain_step():
+  # GradCache: 8 queries x 3 passages in 4 sub-batches of 2 queries on one device, and in 2 sub-batches of 1
+  # query on each of 4 devices, train the parameters the plain step trains (3 SGD steps, no clipping).
+  with tempfile.TemporaryDirectory() as tmp:
+    plain = _run(1, os.path.join(tmp, "plain.npy"))
+    cached = _run(1, os.path.join(tmp, "cached.npy"), chunks=4)
+    spread = _run(4, os.path.join(tmp, "spread.npy"), chunks=2)
+    assert plain["change"] > 1e-3 and min(plain["grad_norms"]) > 1e-3
+    for other, name in ((cached, "cached"), (spread, "spread")):
+      np.testing.assert_allclose(other["grad_norms"], plain["grad_norms"], rtol=1e-5)
+      np.testing.assert_allclose(other["losses"], plain["losses"], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(np.load(os.path.join(tmp, f"{name}.npy")), np.load(os.path.join(tmp, "plain.npy")),
+                                 rtol=1e-5, atol=1e-6)
 
 
 def test_loss_matches_float64_reference():

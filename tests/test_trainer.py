@@ -183,3 +183,17 @@ def test_resume_refuses_checkpoints_of_another_batch_order(tmp_path):
   with pytest.raises(ValueError, match="ordered the batches differently"):
     trainer._check_resumable(str(tmp_path), 2, old, stage, "a")
   trainer._check_resumable(str(tmp_path), 2, dict(old, batch_order=batching.BATCH_ORDER), stage, "a")
+
+
+def test_a_stage_with_grad_cache_trains_like_the_plain_stage(tmp_path, recorder):
+  # The config field reaches the step: 2 sub-batches per device, the same losses and parameters.
+  config = _config()
+  plain, _ = _train("plain", _stage(optimizer="sgd", grad_clip_norm=0.0), config, tmp_path, Batches(config.model.vocab_size))
+  cached, directory = _train("cached", _stage(optimizer="sgd", grad_clip_norm=0.0, grad_cache_chunks=2), config,
+                             tmp_path, Batches(config.model.vocab_size))
+  assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+  from axl_jax import checkpoints
+  a, _ = checkpoints.restore_params(str(tmp_path / "plain" / "checkpoints"), config.model)
+  b, _ = checkpoints.restore_params(str(directory), config.model)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)

@@ -40,8 +40,10 @@ def inputs(config, name: str, available, init_checkpoint: str) -> list[str]:
 def stage_fields(prefix: str, stage_config, init_checkpoint: str) -> dict:
   """The stage config's fields that decide the trained parameters, and where it starts from."""
   fields = {f"{prefix}.{k}": v for k, v in stage_config.to_dict().items() if k not in _COSMETIC}
-  if fields.get(f"{prefix}.optimizer") == "adamw":  # The default, and all there was before the field: stages
-    del fields[f"{prefix}.optimizer"]                # trained before it existed keep their fingerprints.
+  # Fields at the value all there was before they existed: stages trained then keep their fingerprints.
+  for field, default in (("optimizer", "adamw"), ("grad_cache_chunks", 1)):
+    if fields.get(f"{prefix}.{field}") == default:
+      del fields[f"{prefix}.{field}"]
   if init_checkpoint:  # By content: the same parameters moved elsewhere are the same start.
     fields[f"{prefix}.init_checkpoint"] = checkpoints.digest(init_checkpoint)
   return fields
@@ -51,9 +53,13 @@ def check_stage(config, prefix: str, stage_config):
   """The stage's fields; the batch against the device count once the process has opened its devices (the
   pipeline validates again then: before, the rounds' generators may own them)."""
   devices = jax.device_count() if distributed.backends_started() else stage_config.batch_size
+  chunks = stage_config.get("grad_cache_chunks", 1)
   checks = [
       (stage_config.batch_size % devices == 0,
        f"{prefix}.batch_size ({stage_config.batch_size}) must be a multiple of the device count ({devices})"),
+      (chunks >= 1 and (stage_config.batch_size // devices) % chunks == 0,
+       f"{prefix}.grad_cache_chunks ({chunks}) must divide the queries per device "
+       f"({stage_config.batch_size} / {devices} devices)"),
       (stage_config.group_size >= 1, f"{prefix}.group_size must be at least 1"),
       (stage_config.num_steps >= 1, f"{prefix}.num_steps must be at least 1"),
   ]
