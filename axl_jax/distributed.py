@@ -23,11 +23,16 @@ _barriers = itertools.count()
 
 
 def _cluster_spans_processes() -> bool:
-  """A cluster environment JAX's auto-detection handles, running more than one process."""
-  if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
-    return True
-  workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in workers
+  """A cluster JAX's auto-detection handles (SLURM, Open MPI, Cloud TPU VMs through their metadata, GKE)
+  running more than one process."""
+  from jax._src import clusters  # JAX's own detection: what jax.distributed.initialize() would find
+  for env in clusters.ClusterEnv._cluster_types:
+    if not env.opt_in_only_method and env.is_env_present():
+      try:
+        return env.get_process_count() > 1
+      except Exception:  # present but not answering: let jax.distributed.initialize() say why
+        return True
+  return False
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
@@ -76,6 +81,35 @@ def barrier(label: str) -> None:
   Every process passes the same barriers in the same order, so a counter makes each id unique."""
   if process_count() > 1:
     _state().client.wait_at_barrier(f"axl/barrier/{next(_barriers)}/{label}", BARRIER_TIMEOUT_MS)
+
+
+def run_on_process_zero(label: str, fn):
+  """``fn()`` on process 0 (its result; None elsewhere) while the others wait; if it raises, every process
+  raises, instead of the others waiting at a barrier for a process that has stopped."""
+  if process_count() == 1:
+    return fn()
+  client, key = _state().client, f"axl/outcome/{next(_barriers)}/{label}"
+  if process_index() == 0:
+    try:
+      result = fn()
+    except BaseException as error:
+      client.key_value_set(key, f"{type(error).__name__}: {error}")
+      raise
+    client.key_value_set(key, "")
+    return result
+  failure = client.blocking_key_value_get(key, BARRIER_TIMEOUT_MS)
+  if failure:
+    raise RuntimeError(f"process 0 failed at {label}: {failure}")
+  return None
+
+
+def check_devices() -> None:
+  """After the devices are open: JAX's process count is the one the run started with. A slice whose hosts
+  JAX connected by itself without ``jax.distributed`` would have every host believe it is process 0."""
+  import jax
+  if jax.process_count() != process_count():
+    raise RuntimeError(f"JAX sees {jax.process_count()} processes but jax.distributed was started for "
+                       f"{process_count()}: pass --coordinator_address, --num_processes and --process_id")
 
 
 def global_max(key: str, values: list[int]) -> list[int]:

@@ -321,16 +321,15 @@ def run(config, workdir_path: str) -> dict[str, dict]:
       retrain="all" in config.recompute.split(","))
   # One process prepares the data and trains a tokenizer; the others load what it wrote. Nothing before the
   # stages opens an accelerator (``distributed`` talks to the coordinator, not the devices).
-  tokenizer = None
-  if distributed.process_index() == 0:
-    prepared.prepare_all(config, workdir_path, names)
-    tokenizer = get_tokenizer()
-  distributed.barrier("data prepared, tokenizer trained")
+  tokenizer = distributed.run_on_process_zero(
+      "prepare data, train the tokenizer", lambda: (prepared.prepare_all(config, workdir_path, names),
+                                                     get_tokenizer())[1])
   tokenizer = tokenizer or get_tokenizer()
   if not config.tokenizer.name_or_path:
     with config.unlocked():
       config.model.vocab_size = len(tokenizer)
   steps = plan(config, workdir, names, tokenizer)
+  distributed.barrier("planned")  # every process planned from the same workdir before any of it changes
   context = lambda step: Context(config, workdir, tokenizer, step.name, list(step.inputs), step.fingerprint)
   for step in steps:
     if step.action == "recompute":
@@ -347,6 +346,7 @@ def run(config, workdir_path: str) -> dict[str, dict]:
     distributed.barrier("offline work done")  # every host's share, before a stage reads it
   import jax
   logging.info("Process %d of %d opens its devices: %s", jax.process_index(), jax.process_count(), jax.local_devices())
+  distributed.check_devices()
   validate_config(config)  # again, now that the batch sizes can be checked against the devices
   outcome = {}
   for step in steps:

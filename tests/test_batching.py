@@ -40,19 +40,21 @@ class Exchange:
   def global_max(self, key, values):
     with self.ready:
       self.values.setdefault(key, []).append(values)
-      self.ready.wait_for(lambda: len(self.values[key]) == self.hosts, timeout=30)
+      self.ready.notify_all()
+      assert self.ready.wait_for(lambda: len(self.values[key]) == self.hosts, timeout=30)
       return [max(column) for column in zip(*self.values[key])]
 
 
-def _per_host(make, hosts=2, step=3):
-  """Each host's ``batch(step)``, built in its own thread, and the texts each host tokenized."""
+def _per_host(make, step, hosts=2, exchange=None):
+  """Each host's ``batch(step)``, built in its own thread, and the texts each host tokenized; without an
+  exchange each host pads to its own rows (what hosts that did not agree would do)."""
   from concurrent.futures import ThreadPoolExecutor
-  exchange = Exchange(hosts)
+  global_max = exchange.global_max if exchange else lambda key, values: values
   tokenized = [[] for _ in range(hosts)]
 
   def host(index):
     batches = make(batching.BatchShape(4, 3 if make is not _ict_host else 1, (8, 16), (16, 24), index, hosts,
-                                       global_max=exchange.global_max))
+                                       global_max=global_max))
     tokenizer = batches.tokenizer
 
     def counting(texts, **kwargs):
@@ -64,17 +66,30 @@ def _per_host(make, hosts=2, step=3):
     return list(pool.map(host, range(hosts))), tokenized
 
 
+def _supervised_host(shape):
+  # Short and long queries and passages: the hosts' own rows fall into different length buckets.
+  examples = [TrainExample(f"q{i}", f"a long query number {i}" if i % 4 == 0 else f"q{i}",
+                           (Passage(f"p{i}", "", f"a longer positive passage {i}" if i % 3 == 0 else f"p{i}"),),
+                           tuple(Passage(f"n{i}-{j}", "", f"n{i}{j}") for j in range(3))) for i in range(10)]
+  return _batches(shape, examples)
+
+
 def _ict_host(shape):
-  corpus = batching.PassageList(Passage(f"d{i}", "", f"First sentence number {i} is here. Then second one "
-                                        f"{'is much longer than the first ' * (i % 3)}ends {i}.") for i in range(12))
+  corpus = batching.PassageList(
+      Passage(f"d{i}", "", f"Sentence {i} is a long first sentence here. Short {i}." if i % 3 == 0
+              else f"Short {i}. Then {i}.") for i in range(12))
   return batching.ICTBatches([("en", corpus)], CharTokenizer(), shape, 0, 16, 24, " ", 1.0, 5)
 
 
-@pytest.mark.parametrize("make", [_batches, _ict_host], ids=["supervised", "ict"])
+@pytest.mark.parametrize("make", [_supervised_host, _ict_host], ids=["supervised", "ict"])
 def test_hosts_split_the_global_batch_and_tokenize_only_their_rows(make):
-  whole = make(batching.BatchShape(4, 3 if make is not _ict_host else 1, (8, 16), (16, 24))).batch(3)
-  parts, tokenized = _per_host(make)
-  for name in whole:  # the same rows, padded to the lengths that fit the whole global batch
+  shape = lambda: batching.BatchShape(4, 3 if make is not _ict_host else 1, (8, 16), (16, 24))
+  # A step at which the hosts' own rows pad to different lengths...
+  step = next(step for step in range(50) if len({tuple(p[name].shape for name in ("query_ids", "passage_ids"))
+                                                 for p in _per_host(make, step)[0]}) > 1)
+  whole = make(shape()).batch(step)
+  parts, tokenized = _per_host(make, step, exchange=Exchange(2))
+  for name in whole:  # ...still gives the rows of the global batch, padded to the lengths that fit all of it
     np.testing.assert_array_equal(whole[name], np.concatenate([p[name] for p in parts]))
   group = 3 if make is not _ict_host else 1
   assert [len(texts) for texts in tokenized] == [2 + 2 * group] * 2  # each host: its 2 queries and their groups

@@ -199,7 +199,7 @@ def test_hosts_generate_disjoint_shards_that_make_one_set(tmp_path):
   for host in (2, 0):
     manifest = generate.run(config, str(tmp_path / "three"), host, 3)
     assert not manifest["complete"]
-  with pytest.raises(FileNotFoundError, match="2 of 7 generator shards are not done \(first: shard-00001"):
+  with pytest.raises(FileNotFoundError, match=r"2 of 7 generator shards are not done \(first: shard-00001"):
     read_records(str(tmp_path / "three"))
   assert generate.run(config, str(tmp_path / "three"), 1, 3)["complete"]
   assert read_records(str(tmp_path / "three")) == read_records(str(tmp_path / "one"))

@@ -43,7 +43,10 @@ steps, every, wait = (int(mode.split(":")[1]), int(mode.split(":")[2]), float(mo
 stage = configs.default.train_stage(num_steps=steps, batch_size=8, group_size=2, optimizer="sgd", learning_rate=0.05,
                                     warmup_steps=1, grad_clip_norm=0.0, weight_decay=0.0, checkpoint_every=every,
                                     log_every=every, temperature=0.5, keep_checkpoints=10)
-examples = [TrainExample(f"q{i}", f"question {i} about {chr(97 + i)}", (Passage(f"p{i}", "", f"answer {i} {chr(97 + i)} " * 2),),
+# Short and long rows (other length buckets), so the hosts' own rows often pad differently: only agreeing
+# on the global batch's lengths gives every host the same shapes.
+examples = [TrainExample(f"q{i}", f"question {i} about {chr(97 + i)}" if i % 4 == 0 else f"q{i}",
+                         (Passage(f"p{i}", "", f"answer {i} {chr(97 + i)} " * (2 if i % 3 == 0 else 1)),),
                          (Passage(f"n{i}", "", f"other text {i * 7}"),), "en") for i in range(24)]
 if mode.startswith("export:"):  # export:<checkpoint>: bn's corpus and dev queries, 6 corpus shards
   import os
@@ -194,10 +197,12 @@ def _pipeline(workdir: str, processes: int, devices_per_process: int) -> None:
        *flags, *([f"--process_id={index}"] if processes > 1 else [])],
       env=_env(devices_per_process), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for index in range(processes)]
-  for log in _wait(running):
+  for index, log in enumerate(_wait(running)):
     # The generator ran before this process opened the devices (on a TPU it could not open them otherwise).
     assert log.index("round_1: generating negatives") < log.index("Stage finetune starts")
     assert "JAX opened its devices before the offline steps" not in log
+    if processes > 1:  # each host generated its own share
+      assert f"negatives (host {index} of {processes})" in log
 
 
 def test_a_rules_round_on_two_processes_keeps_the_negatives_of_one(tmp_path):
@@ -220,3 +225,23 @@ def test_a_rules_round_on_two_processes_keeps_the_negatives_of_one(tmp_path):
   assert stats_two["kept"] == stats_one["kept"]
   assert abs(stats_two["dev/avg/MRR@100"] - stats_one["dev/avg/MRR@100"]) < 1e-3
   assert os.path.exists(os.path.join(tmp_path, "two", "visualize", "clusters.png"))
+
+
+def test_bad_data_stops_every_process_not_only_the_one_that_prepares_it(tmp_path):
+  import gzip
+  import shutil
+  from tests.helpers import DEMO_DATA
+  root = tmp_path / "data"
+  shutil.copytree(DEMO_DATA, root)
+  with gzip.open(root / "corpus" / "th.jsonl.gz", "wt") as file:
+    file.write('{"docid": "1", "title": "", "text": "fine"}\nnot json\n')
+  coordinator = f"127.0.0.1:{_free_port()}"
+  running = [subprocess.Popen(
+      [sys.executable, "-m", "axl_jax.main", "--config=tests/configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+       "--config.stages=ict", f"--config.data.root={root}", f"--coordinator_address={coordinator}",
+       "--num_processes=2", f"--process_id={index}"],
+      env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in range(2)]
+  logs = [process.communicate(timeout=300)[1] for process in running]  # neither waits at a barrier for a day
+  assert all(process.returncode != 0 for process in running)
+  assert "th.jsonl.gz:2: malformed JSON" in logs[0]
+  assert "process 0 failed at prepare data, train the tokenizer" in logs[1] and "th.jsonl.gz:2" in logs[1]

@@ -131,7 +131,8 @@ class QwenBackend:
 
 def _fingerprint(config, num_items: int) -> str:
   """What decides the records: the generator's settings, the prompts, the rows rewritten and the corpus."""
-  fields = config.generator.to_dict() | {
+  # Not ``env``: where the generator runs (which chips) does not change what it writes.
+  fields = {k: v for k, v in config.generator.to_dict().items() if k != "env"} | {
       "prompt_version": prompts.PROMPT_VERSION, "num_items": num_items,
       "rows": [[language, data.spec_identity(spec)] for language, spec in _source_specs(config)],
       "corpus": [data.spec_identity(data.expand_spec(config.data.corpus, config.data.root, language))

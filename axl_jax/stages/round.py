@@ -122,7 +122,9 @@ def offline(ctx) -> None:
   command = [sys.executable, "-m", "axl_jax.negatives.generate", f"--config_json={config_path}",
              f"--output={_negatives_dir(ctx)}", f"--process_index={distributed.process_index()}",
              f"--process_count={distributed.process_count()}"]
-  env = dict(os.environ, **generator_env(config))
+  # The generator runs alone on the accelerators (this process has not opened them): not the share main.py
+  # leaves for FAISS beside the retriever. generator.env comes last and may say otherwise.
+  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.9", **generator_env(config))
   logging.info("%s: generating negatives: %s", ctx.name, " ".join(command))
   subprocess.run(command, check=True, env=env)
 
