@@ -13,7 +13,6 @@ coordination service, so the pipeline can synchronise hosts while a generator su
 from __future__ import annotations
 
 import itertools
-import os
 
 from absl import logging
 

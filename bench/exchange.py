@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 WORKER = r'''
 import sys, time

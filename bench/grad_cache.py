@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags
 
 import configs.default
+import configs.demo
 from axl_jax import encoder, train_step as ts
 
 flags.DEFINE_integer("batch", 512, "Queries per step on the device.")
@@ -33,7 +34,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  import configs.demo
   # The default model is XLM-R base's shape (250K vocabulary, 12 x 768); the demo's is 2 x 128.
   model_config = (configs.default if FLAGS.shape == "base" else configs.demo).get_config().model
   if FLAGS.shape == "small":
