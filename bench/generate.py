@@ -25,6 +25,8 @@ flags.DEFINE_integer("prompt", 64, "Prompt tokens.")
 flags.DEFINE_integer("new", 32, "New tokens per prompt.")
 flags.DEFINE_integer("repeats", 2, "Timed runs after one warm-up.")
 flags.DEFINE_bool("transformers", True, "Also time transformers' generate when torch is installed.")
+flags.DEFINE_float("finish", 0.0, "If > 0: this share of the rows ends after an eighth of --new tokens (their own "
+                   "greedy token there is made an end id), and axl_jax runs with and without dropping them.")
 FLAGS = flags.FLAGS
 
 SHAPES = {
@@ -35,21 +37,44 @@ SHAPES = {
 }
 
 
-def time_jax(config, prompts):
+def init_params(config):
   model = qwen2.Qwen2(config)
-  params = jax.jit(lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
-                                          *qwen2.init_cache(config, 1, 1), 0, jnp.ones((1, 1), bool))["params"])(
-                                              jax.random.key(0))
-  run = lambda: decode.generate_ids(params, config, prompts, max_new_tokens=FLAGS.new, eos_ids=[-1], pad_id=0,
-                                    prompt_bucket=FLAGS.prompt)
-  outputs = run()
-  assert all(len(row) == FLAGS.new for row in outputs)
+  return jax.jit(lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                                        *qwen2.init_cache(config, 1, 1), 0, jnp.ones((1, 1), bool))["params"])(
+                                            jax.random.key(0))
+
+
+def best_seconds(run):
+  run()
   times = []
   for _ in range(FLAGS.repeats):
     start = time.perf_counter()
     run()
     times.append(time.perf_counter() - start)
-  return FLAGS.batch * FLAGS.new / min(times)
+  return min(times)
+
+
+def time_jax(config, params, prompts):
+  run = lambda: decode.generate_ids(params, config, prompts, max_new_tokens=FLAGS.new, eos_ids=[-1], pad_id=0,
+                                    prompt_bucket=FLAGS.prompt)
+  assert all(len(row) == FLAGS.new for row in run())
+  return FLAGS.batch * FLAGS.new / best_seconds(run)
+
+
+def time_finishing(config, params, prompts):
+  """New tokens/s when ``--finish`` of the rows end early: one decode call (finished rows ride along to the end)
+  against segments of 32 steps with finished rows dropped between them."""
+  free = decode.generate_ids(params, config, prompts, max_new_tokens=FLAGS.new, eos_ids=[-1], pad_id=0,
+                             prompt_bucket=FLAGS.prompt)
+  step, ending = FLAGS.new // 8, int(FLAGS.finish * len(prompts))
+  ends = sorted({free[row][step] for row in range(ending)} - {t for row in free[ending:] for t in row})
+  rates = {}
+  for name, segment in (("one call", FLAGS.new), ("segments of 32, finished rows dropped", 32)):
+    run = lambda: decode.generate_ids(params, config, prompts, max_new_tokens=FLAGS.new, eos_ids=ends, pad_id=0,
+                                      prompt_bucket=FLAGS.prompt, segment=segment)
+    made = sum(len(row) for row in run())
+    rates[name] = made / best_seconds(run)
+  return rates
 
 
 def time_transformers(config, prompts):
@@ -88,7 +113,13 @@ def main(_):
         f"device={jax.devices()[0].device_kind}")
   print("| implementation | dtype | new tokens/s |")
   print("|---|---|---|")
-  print(f"| axl_jax (jit prefill + while_loop decode) | {config.dtype} | {time_jax(config, prompts):.0f} |", flush=True)
+  params = init_params(config)
+  print(f"| axl_jax (jit prefill + while_loop decode) | {config.dtype} | {time_jax(config, params, prompts):.0f} |",
+        flush=True)
+  if FLAGS.finish:
+    for name, rate in time_finishing(config, params, prompts).items():
+      print(f"| axl_jax, {FLAGS.finish:.0%} of rows end at token {FLAGS.new // 8}: {name} | {config.dtype} | "
+            f"{rate:.0f} |", flush=True)
   if FLAGS.transformers:
     try:
       rate, where = time_transformers(config, prompts)

@@ -97,6 +97,30 @@ def _greedy_free_run(params, config, max_new_tokens):
                              prompt_bucket=8)
 
 
+def test_finished_rows_leave_the_batch_without_changing_any_row(tmp_path, monkeypatch):
+  # Sampling (per-row keys): six prompts, end ids that four of them sample early; decoding 2 steps a call lets
+  # the batch shrink to the rows still going, and every row's tokens equal those of one call with no shrinking.
+  _, directory = _hf_model(tmp_path, tie=True)
+  config, params = qwen2.load(directory)
+  prompts = PROMPTS * 2
+  kwargs = dict(max_new_tokens=12, pad_id=PAD, prompt_bucket=8, temperature=1.0, top_p=0.9, seed=3, min_batch=1)
+  free = decode.generate_ids(params, config, prompts, eos_ids=[-1], segment=12, **kwargs)
+  assert len({tuple(row) for row in free}) == 6  # the same prompt twice samples differently (its own key)
+  decode_steps, sizes = decode.decode_steps, []
+  monkeypatch.setattr(decode, "decode_steps", lambda *args, **kw: sizes.append(args[4].shape[0]) or decode_steps(
+      *args, **kw))
+  shrunk_somewhere = False
+  for step in range(1, 5):
+    ends = sorted({free[row][step] for row in range(4)} - set(free[4]) - set(free[5]))
+    whole = decode.generate_ids(params, config, prompts, eos_ids=ends, segment=12, **kwargs)
+    sizes.clear()
+    shrunk = decode.generate_ids(params, config, prompts, eos_ids=ends, segment=2, **kwargs)
+    assert shrunk == whole
+    assert whole[4] == free[4] and whole[5] == free[5]  # rows that never meet an end id run to the end
+    shrunk_somewhere |= min(sizes) < 6
+  assert shrunk_somewhere
+
+
 def test_row_that_ends_early_is_padded_and_others_continue(tmp_path):
   model, directory = _hf_model(tmp_path, tie=False)
   config, params = qwen2.load(directory)
@@ -119,7 +143,8 @@ def test_row_that_ends_early_is_padded_and_others_continue(tmp_path):
 
   cache_k, cache_v, key_mask, logits, positions = decode.prefill(params, jnp.asarray(tokens), jnp.asarray(mask),
                                                                  config=config, slots=length + steps)
-  output, lengths, _, _ = decode.decode(params, cache_k, cache_v, key_mask, logits, positions, jax.random.key(0),
+  output, lengths, _, _ = decode.decode(params, cache_k, cache_v, key_mask, logits, positions,
+                                        decode.row_keys(0, range(len(PROMPTS))),
                                         jnp.asarray([eos], jnp.int32), jnp.int32(PAD), config=config,
                                         max_new_tokens=steps, temperature=0.0, top_p=1.0)
   output, lengths = np.asarray(output), np.asarray(lengths)

@@ -2,8 +2,9 @@
 
 Prompts of different lengths share a batch by left padding (as HF generate does): position ids count
 only real tokens and padded slots are never attended to. The decode loop writes one token per step
-into the donated cache, samples greedily or with temperature + top-p from a seeded key, and stops a
-row at an end-of-turn id; the loop ends when every row has stopped or ``max_new_tokens`` is reached.
+into the donated cache, samples greedily or with temperature + top-p from each row's own seeded key, and
+stops a row at an end-of-turn id; the loop ends when every row has stopped or its steps are done.
+``generate_ids`` decodes a segment of steps per call and drops finished rows between calls.
 """
 from __future__ import annotations
 
@@ -54,38 +55,58 @@ def sample(logits, rng, temperature: float, top_p: float):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_p"),
+@functools.partial(jax.jit, static_argnames=("config", "steps", "temperature", "top_p"),
                    donate_argnames=("cache_k", "cache_v"))
-def decode(params, cache_k, cache_v, key_mask, logits, positions, rng, eos_ids, pad_id, *, config: Qwen2Config,
-           max_new_tokens: int, temperature: float, top_p: float):
-  """``(tokens [B, max_new_tokens], lengths [B], cache_k, cache_v)``: new tokens (pad after a row stops),
-  end id included. The cache comes back so its donated buffers are updated in place (and can be reused)."""
+def decode_steps(params, cache_k, cache_v, key_mask, logits, positions, row_keys, done, start, first_slot, eos_ids,
+                 pad_id, *, config: Qwen2Config, steps: int, temperature: float, top_p: float):
+  """Up to ``steps`` new tokens per row, generation steps ``start`` .. ``start + steps - 1``; stops early when
+  every row is done. Returns ``(tokens [B, steps], emitted [B], done, cache_k, cache_v, key_mask, logits,
+  positions)``: a row's tokens are pad after it stops; ``emitted`` counts its tokens up to its end id included.
+
+  Each row samples from its own key (``row_keys``, folded with the step), so a row's tokens do not depend on
+  which other rows share its batch: a batch can drop its finished rows between calls.
+  """
   batch = logits.shape[0]
-  first_slot = key_mask.shape[1] - max_new_tokens
   model = Qwen2(config)
 
   def cond(state):
-    step, *_, done, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
+    step, *_, done = state
+    return (step < steps) & ~jnp.all(done)
 
   def body(state):
-    step, cache_k, cache_v, key_mask, logits, positions, output, lengths, done, rng = state
-    rng, step_rng = jax.random.split(rng)
-    token = jnp.where(done, pad_id, sample(logits, step_rng, temperature, top_p))
+    step, cache_k, cache_v, key_mask, logits, positions, output, emitted, done = state
+    keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, start + step)
+    sampled = jax.vmap(lambda row_logits, key: sample(row_logits[None], key, temperature, top_p)[0])(logits, keys)
+    token = jnp.where(done, pad_id, sampled)
     output = output.at[:, step].set(token)
-    lengths = lengths + (~done).astype(jnp.int32)
+    emitted = emitted + (~done).astype(jnp.int32)
     done = done | jnp.isin(token, eos_ids)
-    slot = first_slot + step
+    slot = first_slot + start + step
     key_mask = key_mask.at[:, slot].set(True)
     logits, cache_k, cache_v = model.apply({"params": params}, token[:, None], positions[:, None], cache_k, cache_v,
                                            slot, key_mask)
-    return step + 1, cache_k, cache_v, key_mask, logits[:, 0], positions + 1, output, lengths, done, rng
+    return step + 1, cache_k, cache_v, key_mask, logits[:, 0], positions + 1, output, emitted, done
 
-  state = (jnp.int32(0), cache_k, cache_v, key_mask, logits, positions,
-           jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), jnp.int32),
-           jnp.zeros((batch,), bool), rng)
-  state = jax.lax.while_loop(cond, body, state)
-  return state[6], state[7], state[1], state[2]
+  state = (jnp.int32(0), cache_k, cache_v, key_mask, logits, positions, jnp.full((batch, steps), pad_id, jnp.int32),
+           jnp.zeros((batch,), jnp.int32), done)
+  step, cache_k, cache_v, key_mask, logits, positions, output, emitted, done = jax.lax.while_loop(cond, body, state)
+  return output, emitted, done, cache_k, cache_v, key_mask, logits, positions
+
+
+def row_keys(seed: int, rows) -> jax.Array:
+  """One sampling key per prompt: ``seed`` folded with the prompt's index."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.asarray(rows, jnp.int32))
+
+
+def decode(params, cache_k, cache_v, key_mask, logits, positions, keys, eos_ids, pad_id, *, config: Qwen2Config,
+           max_new_tokens: int, temperature: float, top_p: float):
+  """``(tokens [B, max_new_tokens], lengths [B], cache_k, cache_v)`` of one call to ``decode_steps`` from the
+  prefill (``keys``: ``row_keys``); the cache comes back so its donated buffers can be reused."""
+  output, emitted, _, cache_k, cache_v, *_ = decode_steps(
+      params, cache_k, cache_v, key_mask, logits, positions, keys, jnp.zeros((logits.shape[0],), bool),
+      jnp.int32(0), jnp.int32(key_mask.shape[1] - max_new_tokens), eos_ids, pad_id, config=config,
+      steps=max_new_tokens, temperature=temperature, top_p=top_p)
+  return output, emitted, cache_k, cache_v
 
 
 def left_pad(sequences: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,15 +121,42 @@ def left_pad(sequences: list[list[int]], length: int, pad_id: int) -> tuple[np.n
 
 def generate_ids(params, config: Qwen2Config, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int],
                  pad_id: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 prompt_bucket: int = 64) -> list[list[int]]:
-  """New token ids for each prompt (end id included when one was produced)."""
+                 prompt_bucket: int = 64, segment: int = 32, min_batch: int = 8) -> list[list[int]]:
+  """New token ids for each prompt (end id included when one was produced).
+
+  Decodes ``segment`` steps per call; between calls, once at most half the batch is still generating, the
+  finished rows leave it: the cache and state of the others are gathered into a batch of the next power of
+  two (not below ``min_batch``), so long answers do not drag finished rows along. A prompt's tokens do not
+  depend on the batch it shares (per-row keys), so the result is the same with or without shrinking.
+  """
   longest = max(len(p) for p in prompts)
   length = -(-longest // prompt_bucket) * prompt_bucket  # Bucketed so few prompt lengths compile.
   tokens, mask = left_pad(prompts, length, pad_id)
   cache_k, cache_v, key_mask, logits, positions = prefill(params, tokens, mask, config=config,
                                                           slots=length + max_new_tokens)
-  output, lengths, _, _ = decode(params, cache_k, cache_v, key_mask, logits, positions, jax.random.key(seed),
-                           jnp.asarray(eos_ids, jnp.int32), jnp.int32(pad_id), config=config,
-                           max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p))
-  output, lengths = np.asarray(output), np.asarray(lengths)
-  return [output[row, :lengths[row]].tolist() for row in range(len(prompts))]
+  rows = np.arange(len(prompts))  # the prompt in each batch slot (-1: a finished filler)
+  keys, done = row_keys(seed, rows), jnp.zeros((len(prompts),), bool)
+  eos, pad = jnp.asarray(eos_ids, jnp.int32), jnp.int32(pad_id)
+  outputs: list[list[int]] = [[] for _ in prompts]
+  step = 0
+  while step < max_new_tokens:
+    steps = min(segment, max_new_tokens - step)
+    new, emitted, done, cache_k, cache_v, key_mask, logits, positions = decode_steps(
+        params, cache_k, cache_v, key_mask, logits, positions, keys, done, jnp.int32(step), jnp.int32(length),
+        eos, pad, config=config, steps=steps, temperature=float(temperature), top_p=float(top_p))
+    new, emitted, finished = np.asarray(new), np.asarray(emitted), np.asarray(done)
+    for slot, row in enumerate(rows):
+      if row >= 0:
+        outputs[row].extend(new[slot, :emitted[slot]].tolist())
+    step += steps
+    active = np.flatnonzero(~finished & (rows >= 0))
+    if not active.size:
+      break
+    size = max(min_batch, 1 << int(active.size - 1).bit_length())
+    if size <= len(rows) // 2:  # shrink: the active rows, then finished fillers up to a power of two
+      filler = np.flatnonzero(finished)[:1]
+      keep = np.concatenate([active, np.repeat(filler, size - active.size)])
+      cache_k, cache_v = cache_k[:, keep], cache_v[:, keep]
+      key_mask, logits, positions, keys, done = (x[keep] for x in (key_mask, logits, positions, keys, done))
+      rows = np.concatenate([rows[active], np.full(size - active.size, -1)])
+  return outputs
