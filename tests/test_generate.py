@@ -204,3 +204,30 @@ def test_hosts_generate_disjoint_shards_that_make_one_set(tmp_path):
   assert generate.run(config, str(tmp_path / "three"), 1, 3)["complete"]
   assert read_records(str(tmp_path / "three")) == read_records(str(tmp_path / "one"))
   assert len(read_records(str(tmp_path / "one"))) == 20
+
+
+def test_qwen_backend_batches_prompts_by_length_and_answers_each_item(monkeypatch):
+  # Prompts are sorted by length into batches; every answer must still land on its own item.
+  import json as json_
+  import types
+  from axl_jax.negatives import decode, generate
+  batches = []
+
+  def fake_generate(params, config, prompts, **kwargs):
+    batches.append([len(p) for p in prompts])
+    return [[len(p)] for p in prompts]  # the "answer" names its prompt's length
+  monkeypatch.setattr(decode, "generate_ids", fake_generate)
+  backend = object.__new__(generate.QwenBackend)
+  backend.params, backend.model_config, backend.eos_ids, backend.pad_id = None, None, [0], 0
+  backend.generator = types.SimpleNamespace(batch_size=2, max_new_tokens=4, temperature=0.0, top_p=1.0, seed=0)
+  backend.tokenizer = types.SimpleNamespace(
+      prompt_ids=lambda messages: list(range(len(json_.dumps(messages)))),
+      decode=lambda ids: json_.dumps({"rewrite": f"length {ids[0]}"}))
+  items = [{"technique": "logical_negation", "language": "en", "query": "q" * n, "positive": "p",
+            "query_id": str(n)} for n in (30, 1, 20, 2, 10)]
+  results = backend.rewrite(items)
+  lengths = [len(backend.tokenizer.prompt_ids(generate.prompts.messages(i["technique"], i["language"], i["query"],
+                                                                       i["positive"]))) for i in items]
+  assert [text for text, _ in results] == [f"length {n}" for n in lengths]
+  ordered = sorted(lengths)  # batches of 2 by length; the last one filled with its own first prompt
+  assert batches == [ordered[0:2], ordered[2:4], [ordered[4]] * 2]

@@ -112,20 +112,23 @@ class QwenBackend:
     from axl_jax.negatives import decode
     prompt_ids = [self.tokenizer.prompt_ids(prompts.messages(item["technique"], item["language"], item["query"],
                                                              item["positive"])) for item in items]
-    results = []
+    # Prompts of similar length batched together: less left padding to prefill and to keep in the cache.
+    order = sorted(range(len(items)), key=lambda index: (len(prompt_ids[index]), index))
+    results: list = [None] * len(items)
     size = self.generator.batch_size
-    for start in range(0, len(prompt_ids), size):
-      batch = prompt_ids[start:start + size]
+    for start in range(0, len(order), size):
+      rows = order[start:start + size]
+      batch = [prompt_ids[row] for row in rows]
       padded = batch + [batch[0]] * (size - len(batch))  # A fixed batch shape compiles once.
       # The seed depends on the work itself, so a restarted run samples exactly the same tokens.
-      seed = zlib.crc32(json.dumps([self.generator.seed, items[start]["language"], items[start]["query_id"],
-                                    items[start]["technique"]]).encode())
+      first = items[rows[0]]
+      seed = zlib.crc32(json.dumps([self.generator.seed, first["language"], first["query_id"],
+                                    first["technique"]]).encode())
       outputs = decode.generate_ids(self.params, self.model_config, padded, max_new_tokens=self.generator.max_new_tokens,
                                     eos_ids=self.eos_ids, pad_id=self.pad_id, temperature=self.generator.temperature,
                                     top_p=self.generator.top_p, seed=seed)[:len(batch)]
-      for ids in outputs:
-        answer = self.tokenizer.decode(ids)
-        results.append((prompts.parse_rewrite(answer), len(ids)))
+      for row, ids in zip(rows, outputs):
+        results[row] = (prompts.parse_rewrite(self.tokenizer.decode(ids)), len(ids))
     return results
 
 
