@@ -38,31 +38,45 @@ def _encode_fn(model_config_json: str, tower: str):
 
 def encode_texts(params, model_config, tokenizer, texts: list[str], tower: str, max_length: int,
                  buckets: tuple[int, ...], batch_size: int, progress: tqdm | None = None) -> np.ndarray:
-  """Float32 embeddings ``[len(texts), dim]`` of ``texts`` through the ``query`` or ``passage`` tower.
+  """Float32 embeddings ``[len(texts), dim]`` of ``texts`` through the ``query`` or ``passage`` tower
+  (``encode_tokens`` of their token ids). ``progress`` (a tqdm bar) advances by one per text."""
+  return encode_tokens(params, model_config, tokenize(tokenizer, texts, max_length), tower, buckets, batch_size,
+                       progress)
 
-  Texts are sorted by length so each batch pads to a small bucket; every batch has the same row
-  count (the last is padded with empty rows) so each bucket compiles once. ``progress`` (a tqdm bar)
-  advances by one per text.
-  """
+
+def encode_tokens(params, model_config, tokens: list[np.ndarray], tower: str, buckets: tuple[int, ...],
+                  batch_size: int, progress: tqdm | None = None) -> np.ndarray:
+  """Float32 embeddings of token id sequences. Sorted by length so each batch pads to a small bucket; every
+  batch has the same row count (the last is padded with empty rows) so each bucket compiles once; the next
+  batch is dispatched before the last one's embeddings are fetched, so the devices never wait for the host."""
   encode = _encode_fn(json.dumps(model_config.to_dict(), sort_keys=True), tower)
   # This process's devices only: in a multi-process run every process encodes texts of its own.
   num_devices = jax.local_device_count()
   batch_size = max(num_devices, batch_size - batch_size % num_devices)
   sharding = jax.sharding.NamedSharding(local_mesh(), jax.sharding.PartitionSpec("batch"))
-  tokens = tokenize(tokenizer, texts, max_length)
   order = np.argsort([len(t) for t in tokens], kind="stable")
-  output = None
+  output, pending = None, None
+
+  def collect(rows, embeddings):
+    nonlocal output
+    embeddings = np.asarray(embeddings)  # waits for that batch only
+    if output is None:
+      output = np.zeros((len(tokens), embeddings.shape[1]), np.float32)
+    output[rows] = embeddings[:len(rows)]
+    if progress is not None:
+      progress.update(len(rows))
+
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
     batch = [tokens[i] for i in rows]
     batch += [np.zeros((1,), np.int32)] * (batch_size - len(batch))
     ids, lengths = pad(batch, bucket_length(max(len(t) for t in batch), buckets))
-    embeddings = np.asarray(encode(params, jax.device_put(ids, sharding), jax.device_put(lengths, sharding)))
-    if output is None:
-      output = np.zeros((len(texts), embeddings.shape[1]), np.float32)
-    output[rows] = embeddings[:len(rows)]
-    if progress is not None:
-      progress.update(len(rows))
+    dispatched = (rows, encode(params, jax.device_put(ids, sharding), jax.device_put(lengths, sharding)))
+    if pending is not None:
+      collect(*pending)
+    pending = dispatched
+  if pending is not None:
+    collect(*pending)
   return output if output is not None else np.zeros((0, 0), np.float32)
 
 

@@ -33,7 +33,7 @@ from absl import app, flags
 
 import configs.default
 from axl_jax import embeddings, encoder, train_step as ts
-from axl_jax.batching import bucket_length, pad, passage_buckets
+from axl_jax.batching import passage_buckets
 from axl_jax.negatives import decode, qwen2
 
 WORK = ("train", "encode", "generate", "search")
@@ -220,26 +220,15 @@ def encode_torch(s, config, ids, lengths, record):
 
 
 def encode_jax(s, config, ids, lengths, record):
-  """``embeddings.encode_texts`` without the tokenizer: length-sorted, bucketed, every batch the same rows."""
+  """``embeddings.encode_tokens`` (what evaluation and export run, after tokenizing): length-sorted, bucketed,
+  every batch the same rows, the next batch dispatched before the last one is fetched."""
   length, batch_size = s["passage_length"], s["encode_batch"]
   run_config = configs.default.get_config()
   run_config.data.update(passage_max_length=length, passage_length_buckets=f"{length // 4},{length // 2}")
   buckets = passage_buckets(run_config)  # 64,128,256 at 256 tokens: the default config's
   params = encoder.init_params(config, jax.random.key(0))
-  model = encoder.BiEncoder(config)
-  encode_fn = jax.jit(lambda p, i, l: model.apply({"params": p}, i, l, method=encoder.BiEncoder.encode_passages))
-  sharding = jax.sharding.NamedSharding(embeddings.local_mesh(), jax.sharding.PartitionSpec("batch"))
-  output = np.zeros((len(ids), config.hidden_size), np.float32)
-
-  def run():
-    order = np.argsort(lengths, kind="stable")
-    for start in range(0, len(order), batch_size):
-      rows = order[start:start + batch_size]
-      batch = [ids[i, :lengths[i]] for i in rows]
-      batch += [np.zeros((1,), np.int32)] * (batch_size - len(batch))
-      padded, padded_lengths = pad(batch, bucket_length(max(len(t) for t in batch), buckets))
-      out = encode_fn(params, jax.device_put(padded, sharding), jax.device_put(padded_lengths, sharding))
-      output[rows] = np.asarray(out)[:len(rows)]
+  tokens = [ids[i, :lengths[i]] for i in range(len(ids))]
+  run = lambda: embeddings.encode_tokens(params, config, tokens, "passage", buckets, batch_size)
   record(f"axl_jax encode_passages, length-sorted, buckets {','.join(map(str, buckets))} ({config.dtype}, "
          f"{config.attention_impl})", len(ids) / best_seconds(run, FLAGS.repeats))
 
