@@ -319,12 +319,14 @@ def run(config, workdir_path: str) -> dict[str, dict]:
   get_tokenizer = lambda: tokenization.get_tokenizer(
       config, workdir_path, lambda: _tokenizer_texts(config, workdir_path), _tokenizer_settings(config),
       retrain="all" in config.recompute.split(","))
+  def prepare_data_and_tokenizer():
+    prepared.prepare_all(config, workdir_path, names)
+    return get_tokenizer()
   # One process prepares the data and trains a tokenizer; the others load what it wrote. Nothing before the
   # stages opens an accelerator (``distributed`` talks to the coordinator, not the devices).
-  tokenizer = distributed.run_on_process_zero(
-      "prepare data, train the tokenizer", lambda: (prepared.prepare_all(config, workdir_path, names),
-                                                     get_tokenizer())[1])
-  tokenizer = tokenizer or get_tokenizer()
+  tokenizer = distributed.run_on_process_zero("prepare data, train the tokenizer", prepare_data_and_tokenizer)
+  if tokenizer is None:
+    tokenizer = get_tokenizer()
   if not config.tokenizer.name_or_path:
     with config.unlocked():
       config.model.vocab_size = len(tokenizer)
