@@ -12,6 +12,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from axl_jax.encoder import BiEncoder
@@ -173,3 +174,12 @@ def shard_batch(batch: dict, num_devices: int) -> dict:
       raise ValueError(f"batch of {array.shape[0]} rows does not divide over {num_devices} devices")
     return array.reshape((num_devices, array.shape[0] // num_devices) + array.shape[1:])
   return {name: reshape(array) for name, array in batch.items()}
+
+
+def put_on_devices(batch: dict) -> dict:
+  """Copies a ``shard_batch`` batch to the local devices, slice ``i`` to device ``i``: the arrays the
+  pmapped step takes without a transfer of its own. Called from the loader threads, so the copy of
+  batch ``n + 1`` overlaps step ``n``."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("devices",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+  return {name: jax.device_put(array, sharding) for name, array in batch.items()}

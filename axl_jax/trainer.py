@@ -143,9 +143,12 @@ def train(stage_name: str, stage_config, config, workdir: str, batches, initial_
   try:
     with metric_writers.ensure_flushes(writer):
       steps = range(start, stage_config.num_steps)
-      for step, batch in _prefetch(batches.batch, steps, config.data.loader_threads):
+      # Read, tokenize, split over the devices and copy there, all on the loader threads.
+      def device_batch(step):
+        return ts.put_on_devices(ts.shard_batch(batches.batch(step), num_devices))
+      for step, batch in _prefetch(device_batch, steps, config.data.loader_threads):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, metrics = p_train_step(state, ts.shard_batch(batch, num_devices), dropout_rng)
+          state, metrics = p_train_step(state, batch, dropout_rng)
         done = step + 1
         report(done)
         if done % stage_config.log_every == 0 or done == stage_config.num_steps:

@@ -30,9 +30,15 @@ lengths_q = rng.integers(2, 9, queries); lengths_p = rng.integers(2, 13, queries
 batch = {"query_ids": rng.integers(1, 97, (queries, 8)).astype(np.int32), "query_lengths": lengths_q.astype(np.int32),
          "passage_ids": rng.integers(1, 97, (queries * group, 12)).astype(np.int32),
          "passage_lengths": lengths_p.astype(np.int32)}
+sharded = ts.shard_batch(batch, jax.local_device_count())
+if PUT:  # as the trainer's loader threads hand it over: already split over the devices
+  sharded = ts.put_on_devices(sharded)
+  placed = [[shard.device for shard in sorted(array.addressable_shards, key=lambda s: s.index[0].start)]
+            for array in sharded.values()]
+  assert all(devices == jax.local_devices() for devices in placed), placed
 losses, grad_norms = [], []
 for _ in range(3):
-  state, metrics = step(state, ts.shard_batch(batch, jax.local_device_count()), jax.random.key(3))
+  state, metrics = step(state, sharded, jax.random.key(3))
   losses.append(float(metrics["loss"]))
   grad_norms.append(float(metrics["grad_norm"]))
 flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(state.params)])
@@ -42,8 +48,8 @@ print(json.dumps({"losses": losses, "grad_norms": grad_norms, "devices": jax.loc
 """
 
 
-def _run(devices, out, chunks=1):
-  result = run_python(f"OUT={out!r}\nCHUNKS={chunks}\n" + STEP_SCRIPT, devices=devices)
+def _run(devices, out, chunks=1, put=False):
+  result = run_python(f"OUT={out!r}\nCHUNKS={chunks}\nPUT={put}\n" + STEP_SCRIPT, devices=devices)
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -61,6 +67,10 @@ def test_one_device_equals_four_devices():
     params_one = np.load(os.path.join(tmp, "one.npy"))
     params_four = np.load(os.path.join(tmp, "four.npy"))
     np.testing.assert_allclose(params_one, params_four, rtol=1e-4, atol=1e-5)
+    # The trainer's batches arrive already on the devices (slice i on device i): the same steps exactly.
+    placed = _run(4, os.path.join(tmp, "placed.npy"), put=True)
+    assert placed["losses"] == four["losses"] and placed["grad_norms"] == four["grad_norms"]
+    np.testing.assert_array_equal(np.load(os.path.join(tmp, "placed.npy")), params_four)
 
 
 def test_grad_cache_step_equals_the_plain_step():
