@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytrec_eval
 
+from axl_jax import significance
 from axl_jax.io import atomic_open
 
 MEASURES = ("MRR@100", "Recall@100", "nDCG@10")
@@ -32,26 +33,36 @@ def trec_order(hits: dict[str, float]) -> list[tuple[str, float]]:
   return sorted(hits.items(), key=lambda item: (np.float32(item[1]), item[0]), reverse=True)
 
 
+def per_query(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+  """``{qid: {measure: value}}`` for every query of ``qrels``, in its order: the values ``evaluate_run``
+  averages, and the paired samples of a significance test. A judged query missing from the run, or with
+  no hits (or no judgements), scores zero (trec_eval -c)."""
+  # pytrec_eval takes exact int and float objects only; trec_eval reads past an empty judgment list.
+  judged = {qid: {doc: int(rel) for doc, rel in judgments.items()} for qid, judgments in qrels.items() if judgments}
+  hits = {qid: {doc: float(score) for doc, score in run[qid].items()} for qid in qrels if run.get(qid)}
+  evaluated = {}
+  if judged and hits:
+    evaluated = pytrec_eval.RelevanceEvaluator(judged, set(_TREC_MEASURES)).evaluate(hits)
+  values = {}
+  for qid in qrels:
+    found = evaluated.get(qid)
+    values[qid] = dict.fromkeys(MEASURES, 0.0) if found is None else {
+        "MRR@100": found["recip_rank"] * found["success_100"], "Recall@100": found["recall_100"],
+        "nDCG@10": found["ndcg_cut_10"]}
+  return values
+
+
 def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
   """MRR@100, Recall@100 and nDCG@10 averaged over the judged queries, plus the query counts.
 
   A judged query missing from the run, or with no hits, counts as zero (trec_eval -c), so a retriever
   cannot gain by returning nothing for hard queries.
   """
-  # pytrec_eval takes exact int and float objects only; trec_eval reads past an empty judgment list.
-  judged = {qid: {doc: int(rel) for doc, rel in judgments.items()} for qid, judgments in qrels.items() if judgments}
-  hits = {qid: {doc: float(score) for doc, score in run[qid].items()} for qid in qrels if run.get(qid)}
-  per_query = {}
-  if judged and hits:
-    per_query = pytrec_eval.RelevanceEvaluator(judged, set(_TREC_MEASURES)).evaluate(hits)
-  totals = dict.fromkeys(MEASURES, 0.0)
-  for values in per_query.values():
-    totals["MRR@100"] += values["recip_rank"] * values["success_100"]
-    totals["Recall@100"] += values["recall_100"]
-    totals["nDCG@10"] += values["ndcg_cut_10"]
+  values = per_query(qrels, run)
   count = max(1, len(qrels))
-  return ({name: total / count for name, total in totals.items()}
-          | {"queries": len(qrels), "queries_without_hits": len(qrels) - len(hits)})
+  missing = sum(1 for qid in qrels if not run.get(qid))
+  return ({name: sum(v[name] for v in values.values()) / count for name in MEASURES}
+          | {"queries": len(qrels), "queries_without_hits": missing})
 
 
 def _check_field(value: str, what: str) -> None:
@@ -113,17 +124,38 @@ def evaluate_run_file(qrels: dict[str, dict[str, int]], path: str) -> dict[str, 
   return evaluate_run(qrels, read_trec_run(path))
 
 
-def format_table(results: dict[str, dict[str, dict[str, float]]], languages: list[str], metric: str) -> str:
+def format_table(results: dict[str, dict[str, dict[str, float]]], languages: list[str], metric: str,
+                 marks: dict[str, dict[str, str]] | None = None, baseline: str = "") -> str:
   """A Markdown table: one row per system, one column per language plus the macro average.
 
   A system without some languages (BM25 where no run file and no in-memory index was possible) shows "-"
-  there and no average, which would not be comparable with the others'.
+  there and no average, which would not be comparable with the others'. ``marks[system][language or
+  "avg"]`` is appended to a cell (significance against the ``baseline`` row, which the table names).
   """
+  marks = marks or {}
   header = f"| {metric} | " + " | ".join(languages) + " | avg |"
   lines = [header, "|" + "---|" * (len(languages) + 2)]
   for system, per_language in results.items():
     values = [per_language[lang][metric] if lang in per_language else None for lang in languages]
-    cells = " | ".join("-" if v is None else f"{v:.3f}" for v in values)
-    average = "-" if None in values else f"{sum(values) / len(values):.3f}"
-    lines.append(f"| {system} | {cells} | {average} |")
+    mark = lambda column: marks.get(system, {}).get(column, "")
+    cells = " | ".join("-" if v is None else f"{v:.3f}{mark(lang)}" for v, lang in zip(values, languages))
+    average = "-" if None in values else f"{sum(values) / len(values):.3f}{mark('avg')}"
+    name = f"{system} (baseline)" if system == baseline else system
+    lines.append(f"| {name} | {cells} | {average} |")
+  return "\n".join(lines)
+
+
+def format_differences(tests: dict[str, dict[str, dict[str, float]]], languages: list[str], metric: str,
+                       baseline: str) -> str:
+  """A Markdown table of each system's difference from ``baseline``: ``+0.012 [-0.004, +0.027]`` per
+  language (95% interval), and for the macro average also the p-value; ``*`` where p < 0.05."""
+  header = f"| {metric}: system - {baseline} | " + " | ".join(languages) + " | avg | p (avg) |"
+  lines = [header, "|" + "---|" * (len(languages) + 3)]
+  for system, per_language in tests.items():
+    def cell(column):
+      test = per_language[column]
+      return (f"{test['diff']:+.3f}{significance.mark(test['p'])} "
+              f"[{test['ci_low']:+.3f}, {test['ci_high']:+.3f}]")
+    p = per_language["avg"]["p"]
+    lines.append(f"| {system} | " + " | ".join(cell(l) for l in languages) + f" | {cell('avg')} | {p:.3g} |")
   return "\n".join(lines)

@@ -19,6 +19,11 @@ def test_metrics_hand_worked():
   expected = (1 / np.log2(3) + 1 / (1 + 1 / np.log2(3))) / 3
   assert values["nDCG@10"] == pytest.approx(expected)
   assert values["queries"] == 3 and values["queries_without_hits"] == 1
+  # The per-query values (the paired samples of the significance tests), in the qrels' order.
+  per_query = metrics.per_query(qrels, run)
+  assert list(per_query) == ["q1", "q2", "q3"]
+  assert [v["MRR@100"] for v in per_query.values()] == pytest.approx([0.5, 1.0, 0.0])
+  assert [v["Recall@100"] for v in per_query.values()] == pytest.approx([1.0, 0.5, 0.0])
 
 
 def test_trec_run_file(tmp_path):

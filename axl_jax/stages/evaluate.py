@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from axl_jax import bm25, checkpoints, data, distributed, embeddings, io, metrics, prepared, search
+from axl_jax import bm25, checkpoints, data, distributed, embeddings, io, metrics, prepared, search, significance
 from axl_jax.stages import StageResult, training
 
 EXPENSIVE = False
@@ -52,7 +52,8 @@ def _data_specs(config, language: str, split: str) -> dict:
 def fingerprint_fields(config, name):
   evaluate = config.evaluate
   fields = {f"evaluate.{k}": evaluate[k] for k in ("split", "depth", "index", "bm25", "bm25_max_passages", "bm25_run",
-                                                   "also_checkpoints", "embedding_dtype", "recall_queries")}
+                                                   "also_checkpoints", "embedding_dtype", "recall_queries",
+                                                   "baseline", "significance_resamples", "checkpoint_name")}
   if evaluate.index != "flat":
     fields["evaluate.index_options"] = _index_options(config)
   if evaluate.checkpoint:
@@ -74,11 +75,13 @@ def check_config(config, name):
           for spec in _data_specs(config, language, config.evaluate.split).values()]
 
 
-def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
-                      with_bm25: bool) -> dict[str, dict[str, dict]]:
+def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str, with_bm25: bool,
+                      per_query: dict | None = None) -> dict[str, dict[str, dict]]:
   """``{system: {language: metrics}}`` of dense retrieval (FAISS over embedding shards) and BM25.
 
-  ``systems`` maps a name to a checkpoint. Writes TREC run files under ``out_dir/runs``.
+  ``systems`` maps a name to a checkpoint. Writes TREC run files under ``out_dir/runs``. Process 0 also
+  fills ``per_query`` (when given) with ``{system: {language: {qid: metrics}}}``, the samples of the
+  significance tests.
   """
   config = ctx.config
   results: dict[str, dict[str, dict]] = {}
@@ -122,6 +125,8 @@ def retrieval_results(ctx, systems: dict[str, str], split: str, out_dir: str,
     for name, run in runs.items():
       metrics.write_trec_run(run_file(out_dir, name, language, split), run, name)
       results.setdefault(name, {})[language] = metrics.evaluate_run(qrels, run)
+      if per_query is not None:
+        per_query.setdefault(name, {})[language] = metrics.per_query(qrels, run)
       if index_recall.get(name) is not None:
         results[name][language][f"index Recall@{config.evaluate.depth} vs exact"] = index_recall[name]
         logging.info("evaluate: %s %s: the %s index finds %.3f of exact search's top %d", name, language,
@@ -204,8 +209,40 @@ def read_tables(workdir) -> str | None:
   return None
 
 
-def tables(results: dict, languages: list[str]) -> str:
-  return "\n\n".join(metrics.format_table(results, languages, m) for m in metrics.MEASURES)
+def tables(results: dict, languages: list[str], tests: dict | None = None, baseline: str = "") -> str:
+  """One table per measure; with ``tests`` (``significance_tests``' output), cells that differ significantly
+  from the ``baseline`` row carry ``*`` and a table of differences with their intervals follows each."""
+  parts = []
+  for measure in metrics.MEASURES:
+    marks = {system: {language: significance.mark(test["p"]) for language, test in per_language.items()}
+             for system, per_language in (tests or {}).get(measure, {}).items()}
+    parts.append(metrics.format_table(results, languages, measure, marks=marks,
+                                      baseline=baseline if tests else ""))
+    if tests and tests.get(measure):
+      parts.append(metrics.format_differences(tests[measure], languages, measure, baseline))
+  if tests:
+    parts.append(f"`*`: differs from {baseline} with p < 0.05 (paired randomization test over queries, "
+                 "two-sided, per cell, uncorrected); intervals: 95% paired bootstrap of the difference; "
+                 "avg: the macro average, queries resampled within each language.")
+  return "\n\n".join(parts)
+
+
+def significance_tests(per_query: dict, baseline: str, languages: list[str], resamples: int,
+                       seed: int = 0) -> dict:
+  """``{measure: {system: {language | "avg": paired_test stats}}}`` of every system against ``baseline``,
+  over the languages both cover (systems missing one, like BM25 without a run file, are left out)."""
+  tests: dict = {}
+  if baseline not in per_query:
+    return tests
+  base = per_query[baseline]
+  for system, per_language in per_query.items():
+    if system == baseline or any(language not in per_language for language in languages):
+      continue
+    for measure in metrics.MEASURES:
+      samples = lambda values: {l: np.array([values[l][q][measure] for q in base[l]]) for l in languages}
+      tests.setdefault(measure, {})[system] = significance.paired_test(
+          samples(per_language), samples(base), resamples=resamples, seed=seed)
+  return tests
 
 
 def run(ctx) -> StageResult:
@@ -213,10 +250,18 @@ def run(ctx) -> StageResult:
   split = config.evaluate.split
   systems = {name: ctx.workdir.checkpoints(name) for name in ctx.inputs}
   if config.evaluate.checkpoint:
-    systems["model"] = config.evaluate.checkpoint
-  results = retrieval_results(ctx, systems, split, ctx.stage_dir, config.evaluate.bm25)
-  text = tables(results, ctx.languages)
+    systems[config.evaluate.checkpoint_name] = config.evaluate.checkpoint
+  per_query: dict = {}
+  results = retrieval_results(ctx, systems, split, ctx.stage_dir, config.evaluate.bm25, per_query)
+  baseline = config.evaluate.baseline
   if jax.process_index() == 0:
+    if baseline and baseline not in results:
+      logging.warning("evaluate: the baseline %r is not among the evaluated systems %s: no significance tests "
+                      "(evaluate.baseline, evaluate.also_checkpoints)", baseline, sorted(results))
+    tests = significance_tests(per_query, baseline, ctx.languages, config.evaluate.significance_resamples)
+    text = tables(results, ctx.languages, tests, baseline)
+    io.write_json(os.path.join(ctx.stage_dir, "per_query.json"), per_query)
+    io.write_json(os.path.join(ctx.stage_dir, "significance.json"), {"baseline": baseline, "tests": tests})
     io.write_json(results_path(ctx.workdir), results)
     io.write_text(os.path.join(ctx.stage_dir, "results.md"), text + "\n")
     print(f"\nRetrieval on {split} ({config.evaluate.index} index, depth {config.evaluate.depth}):\n\n{text}\n",
