@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from axl_jax.negatives import prompts
 from tests.helpers import REPO
 
 QWEN_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -49,7 +50,7 @@ def test_generation_runs_in_a_torch_free_process(tmp_path, backend):
   queries = 10 if backend == "rules" else 6
   assert len(records) == 2 * queries * 3
   assert {r["technique"] for r in records} == {"entity_substitution", "numerical_perturbation", "logical_negation"}
-  assert all(r["backend"] == backend and r["prompt_version"] == "v1" for r in records)
+  assert all(r["backend"] == backend and r["prompt_version"] == prompts.PROMPT_VERSION for r in records)
   with open(os.path.join(output, "manifest.json")) as file:
     manifest = json.load(file)
   assert manifest["complete"] and sum(manifest["counts"].values()) == len(records)
@@ -175,10 +176,11 @@ def test_generator_output_belongs_to_its_prompts_and_rows(tmp_path, monkeypatch)
   config = _rules_config(tmp_path, techniques="numerical_perturbation")
   generate.run(config, output)
   generate.run(config, output)  # unchanged: the finished shards are reused
-  monkeypatch.setattr(prompts, "PROMPT_VERSION", "v2")
+  version = prompts.PROMPT_VERSION
+  monkeypatch.setattr(prompts, "PROMPT_VERSION", version + "-changed")
   with pytest.raises(ValueError, match="another generator config or data"):
     generate.run(config, output)
-  monkeypatch.setattr(prompts, "PROMPT_VERSION", "v1")
+  monkeypatch.setattr(prompts, "PROMPT_VERSION", version)
   rows[0]["positive_passages"][0]["text"] = "The river is 121 km long."
   _write_rows(tmp_path / "train.jsonl", rows)  # same file name, other content
   with pytest.raises(ValueError, match="another generator config or data"):
@@ -223,11 +225,105 @@ def test_qwen_backend_batches_prompts_by_length_and_answers_each_item(monkeypatc
   backend.tokenizer = types.SimpleNamespace(
       prompt_ids=lambda messages: list(range(len(json_.dumps(messages)))),
       decode=lambda ids: json_.dumps({"rewrite": f"length {ids[0]}"}))
-  items = [{"technique": "logical_negation", "language": "en", "query": "q" * n, "positive": "p",
-            "query_id": str(n)} for n in (30, 1, 20, 2, 10)]
+  # The item of query length 20 has a positive longer than the retriever reads, whose window ends inside a
+  # word ("ab cd|efg"): the model sees "ab " and the rest follows its rewrite unchanged. The one of length 2
+  # has no character of its text in the window (its title filled it): not prompted at all.
+  visible = {20: 5, 2: 0}
+  items = [{"technique": "logical_negation", "language": "en", "query": "q" * n, "positive": "ab cdefg",
+            "visible": visible.get(n, 8), "query_id": str(n)} for n in (30, 1, 20, 2, 10)]
   results = backend.rewrite(items)
+  assert results[3] == (None, 0, "only_outside_window")
+  items, results = items[:3] + items[4:], results[:3] + results[4:]
+  shown = ["ab " if i["visible"] == 5 else "ab cdefg" for i in items]
   lengths = [len(backend.tokenizer.prompt_ids(generate.prompts.messages(i["technique"], i["language"], i["query"],
-                                                                       i["positive"]))) for i in items]
-  assert [text for text, _ in results] == [f"length {n}" for n in lengths]
-  ordered = sorted(lengths)  # batches of 2 by length; the last one filled with its own first prompt
-  assert batches == [ordered[0:2], ordered[2:4], [ordered[4]] * 2]
+                                                                       text))) for i, text in zip(items, shown)]
+  assert [text for text, _, _ in results] == [f"length {n}" + ("cdefg" if i["visible"] == 5 else "")
+                                              for n, i in zip(lengths, items)]
+  ordered = sorted(lengths)  # batches of 2 by length
+  assert batches == [ordered[0:2], ordered[2:4]]
+
+
+def _window_tokenizer(tmp_path):
+  from axl_jax import tokenization
+  words = ("the river is long and its source lies far from the city which was founded in a year of many "
+           "people who have lived by the sea and not far from the hills").split()
+  texts = [" ".join(words[i:] + words[:i]) + f" {i} {i * 37}" for i in range(len(words))]
+  directory = str(tmp_path / "tokenizer")
+  tokenization.train_tokenizer(texts * 5, 300, directory)
+  return directory
+
+
+# Long passages: what the rules can edit lies inside the first 24 tokens for query 1 (a number and " is " up
+# front), only beyond them for query 2.
+FILLER = "the city grew by the sea and the hills far from the river where people lived " * 3
+WINDOW_ROWS = [
+    {"query_id": "1", "query": "How long is the river?",
+     "positive_passages": [{"docid": "7#1", "title": "River", "text": "The river is 120 km long, " + FILLER + "in 1950."}]},
+    {"query_id": "2", "query": "When was the city founded?",
+     "positive_passages": [{"docid": "8#1", "title": "City", "text": "The city, " + FILLER + "in 1950 is old."}]}]
+
+
+def test_rules_edit_inside_the_tokens_the_retriever_reads(tmp_path):
+  from axl_jax import tokenization
+  from axl_jax.negatives import generate
+  from axl_jax.negatives.window import EncoderWindow
+  _write_rows(tmp_path / "train.jsonl", WINDOW_ROWS)
+  tokenizer_dir = _window_tokenizer(tmp_path)
+  window = EncoderWindow(tokenization.load_tokenizer(tokenizer_dir), 24, " ")
+  config = _rules_config(tmp_path, techniques="numerical_perturbation,logical_negation")
+  config.data.passage_max_length = 24
+  config.tokenizer.name_or_path = tokenizer_dir
+  manifest = generate.run(config, str(tmp_path / "windowed"))
+  records = {(r["query_id"], r["technique"]): r for r in _records(str(tmp_path / "windowed"))}
+  assert records[("1", "numerical_perturbation")]["accepted"] and records[("1", "logical_negation")]["accepted"]
+  # Query 2's number and "is" lie beyond the window: the rule says so instead of making an invisible edit.
+  assert records[("2", "numerical_perturbation")]["reject_reason"] == "only_outside_window"
+  assert records[("2", "logical_negation")]["reject_reason"] == "only_outside_window"
+  assert manifest["counts"] == {"accepted": 2, "only_outside_window": 2}
+  for (query_id, _), record in records.items():
+    positive = WINDOW_ROWS[int(query_id) - 1]["positive_passages"][0]
+    if record["accepted"]:
+      assert not window.same_input(positive["title"], positive["text"], record["text"])
+  # Unwindowed (no tokenizer), the same rules edit query 2 where the retriever cannot see it.
+  config.tokenizer.name_or_path = ""
+  generate.run(config, str(tmp_path / "anywhere"))
+  unwindowed = {(r["query_id"], r["technique"]): r for r in _records(str(tmp_path / "anywhere"))}
+  text = WINDOW_ROWS[1]["positive_passages"][0]["text"]
+  assert unwindowed[("2", "numerical_perturbation")]["accepted"]
+  assert window.same_input("City", text, unwindowed[("2", "numerical_perturbation")]["text"])
+
+
+def test_a_rewrite_beyond_the_window_is_rejected_as_outside_window(tmp_path, monkeypatch):
+  # Whatever the backend (a model may ignore its instructions), a candidate the retriever cannot tell from
+  # its positive is not kept, and the count says why.
+  from axl_jax.negatives import generate
+  _write_rows(tmp_path / "train.jsonl", WINDOW_ROWS[1:])
+  config = _rules_config(tmp_path, techniques="numerical_perturbation")
+  config.data.passage_max_length = 24
+  config.tokenizer.name_or_path = _window_tokenizer(tmp_path)
+  monkeypatch.setattr(generate.RulesBackend, "rewrite",
+                      lambda self, items: [(i["positive"].replace("1950", "1951"), 0, "") for i in items])
+  manifest = generate.run(config, str(tmp_path / "out"))
+  assert manifest["counts"] == {"outside_window": 1}
+
+
+def test_window_covers_the_characters_the_encoder_reads(tmp_path):
+  from axl_jax import tokenization
+  from axl_jax.negatives.window import EncoderWindow, word_cut
+  window = EncoderWindow(tokenization.load_tokenizer(_window_tokenizer(tmp_path)), 24, " ")
+  text = WINDOW_ROWS[0]["positive_passages"][0]["text"]
+  visible = window.visible_chars("River", text)
+  assert 10 < visible < len(text)
+  assert window.visible_chars("River", "The river is 120 km long.") == len("The river is 120 km long.")
+  # Changing the last visible character changes the encoder's input; changing one past the next word start
+  # does not (a change right after the window may still retokenize the word the window ends in).
+  last, after = visible - 1, text.index(" ", visible) + 1
+  assert not window.same_input("River", text, text[:last] + "X" + text[last + 1:])
+  assert window.same_input("River", text, text[:after] + "X" + text[after + 1:])
+  # The generator's prompt cuts at the start of the word the window ends in.
+  cut = word_cut(text, visible)
+  assert cut <= visible and (cut == visible or text[cut - 1] == " ")
+  assert word_cut("ab cdefg", 5) == 3 and word_cut("ab cdefg", 3) == 3 and word_cut("abcdefg", 3) == 3
+  assert word_cut("ab cdefg", 0) == 0 and word_cut("ab cdefg", 8) == 8
+  # A longer title leaves less of the text in view.
+  assert window.visible_chars("River of many hills and cities", text) < visible

@@ -60,3 +60,20 @@ def test_entity_substitution_and_negation():
   assert rules.negate("Tämä ei ole totta.", "fi") == "Tämä on totta."
   assert rules.negate("東京は首都である。", "ja") == "東京は首都ではない。"
   assert rules.negate("東京は首都ではない。", "ja") == "東京は首都である。"
+
+
+def test_rules_choose_their_edit_inside_the_limit():
+  text = "Helsinki has 650000 people. Tampere is smaller, with 240000 people."
+  limit = text.index("Tampere")
+  for seed in range(10):  # of the two numbers, only the first lies inside the limit
+    changed = rules.perturb_number(text, np.random.default_rng(seed), limit)
+    assert changed[limit - 2:] == text[limit - 2:] and changed != text
+  assert rules.perturb_number(text, np.random.default_rng(0), limit=5) is None
+  # " is " occurs only after the limit; " has " inside it.
+  assert rules.negate(text, "en", limit) == text.replace(" has ", " has not ", 1)
+  assert rules.negate("Tampere is big. It has a lake.", "en", limit=8) is None
+  # An entity seen inside the limit is replaced everywhere; one seen only after it is not a candidate.
+  titles = ["Helsinki", "Tampere", "Oulu"]
+  changed = rules.substitute_entity(text, "Tampere", titles, np.random.default_rng(0), limit)
+  assert changed.startswith(("Tampere", "Oulu")) and "Helsinki" not in changed
+  assert rules.substitute_entity(text, "Tampere", ["Tampere", "Oulu"], np.random.default_rng(0), limit) is None

@@ -23,8 +23,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from axl_jax import batching, data, hub, io, prepared
+from axl_jax import batching, data, hub, io, prepared, tokenization
 from axl_jax.negatives import checks, prompts, rules
+from axl_jax.negatives.window import EncoderWindow, word_cut
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Directory for the shards and manifest.json.")
@@ -42,8 +43,9 @@ def _source_specs(config) -> list[tuple[str, str]]:
           for language in data.parse_languages(config.generator.languages, "generator.languages")]
 
 
-def work_items(config) -> list[dict]:
-  """Every (query, technique) to generate, in a fixed order: the shards are slices of this list."""
+def work_items(config, window: EncoderWindow | None = None) -> list[dict]:
+  """Every (query, technique) to generate, in a fixed order: the shards are slices of this list. ``visible``
+  is how many characters of the positive's text the retriever reads (all without a ``window``)."""
   generator = config.generator
   techniques = [t.strip() for t in generator.techniques.split(",") if t.strip()]
   for technique in techniques:
@@ -56,10 +58,11 @@ def work_items(config) -> list[dict]:
     count = min(len(rows), generator.max_queries_per_language or len(rows))
     for example in rows.examples(range(count)):
       positive = example.positives[0]
+      visible = window.visible_chars(positive.title, positive.text) if window else len(positive.text)
       for technique in techniques:
         items.append({"query_id": example.query_id, "query": example.query, "language": language,
                       "source_docid": positive.docid, "title": positive.title, "positive": positive.text,
-                      "technique": technique, "answers": example.answers})
+                      "technique": technique, "answers": example.answers, "visible": visible})
   return items
 
 
@@ -83,14 +86,20 @@ class RulesBackend:
           if count else np.zeros(0, np.int64)
       self.titles[language] = sorted({p.title for p in corpus.passages(np.sort(sample)) if p.title})
 
-  def rewrite(self, items: list[dict]) -> list[tuple[str | None, int]]:
+  def rewrite(self, items: list[dict]) -> list[tuple[str | None, int, str]]:
+    """``(text, 0 new tokens, why there is none)`` per item: the edit is made where the retriever reads."""
     results = []
     for item in items:
       # Ids repeat across languages (Mr.TyDi), so the language is part of the stream's key.
-      rng = np.random.default_rng([self.seed, zlib.crc32(f"{item['language']}\0{item['query_id']}".encode()),
-                                   list(prompts.TECHNIQUES).index(item["technique"])])
-      results.append((rules.rewrite(item["technique"], item["positive"], item["title"], item["language"],
-                                    self.titles[item["language"]], rng), 0))
+      rng = lambda: np.random.default_rng([self.seed, zlib.crc32(f"{item['language']}\0{item['query_id']}".encode()),
+                                           list(prompts.TECHNIQUES).index(item["technique"])])
+      edit = lambda limit: rules.rewrite(item["technique"], item["positive"], item["title"], item["language"],
+                                         self.titles[item["language"]], rng(), limit)
+      text = edit(item["visible"])
+      # Nothing to edit in the window: say whether the rule would have applied beyond it.
+      why = "" if text is not None else ("only_outside_window" if item["visible"] < len(item["positive"])
+                                         and edit(None) is not None else "not_applicable")
+      results.append((text, 0, why))
     return results
 
 
@@ -108,13 +117,19 @@ class QwenBackend:
       raise ValueError(f"{generator.checkpoint}: the tokenizer has no end-of-turn token")
     self.pad_id = self.tokenizer.pad_id()
 
-  def rewrite(self, items: list[dict]) -> list[tuple[str | None, int]]:
+  def rewrite(self, items: list[dict]) -> list[tuple[str | None, int, str]]:
+    """``(text, new tokens, "")`` per item. The model sees the part of the positive the retriever reads, cut
+    at a word start; the rest follows its rewrite unchanged (an edit there would be invisible to the retriever).
+    A positive whose title fills the window has nothing to show: ``only_outside_window``."""
     from axl_jax.negatives import decode
-    prompt_ids = [self.tokenizer.prompt_ids(prompts.messages(item["technique"], item["language"], item["query"],
-                                                             item["positive"])) for item in items]
+    cuts = [word_cut(item["positive"], item["visible"]) for item in items]
+    results: list = [(None, 0, "only_outside_window") if cut == 0 else None for cut in cuts]
+    todo = [index for index, cut in enumerate(cuts) if cut > 0]
+    prompt_ids = {index: self.tokenizer.prompt_ids(prompts.messages(
+        items[index]["technique"], items[index]["language"], items[index]["query"],
+        items[index]["positive"][:cuts[index]])) for index in todo}
     # Prompts of similar length batched together: less left padding to prefill and to keep in the cache.
-    order = sorted(range(len(items)), key=lambda index: (len(prompt_ids[index]), index))
-    results: list = [None] * len(items)
+    order = sorted(todo, key=lambda index: (len(prompt_ids[index]), index))
     size = self.generator.batch_size
     for start in range(0, len(order), size):
       rows = order[start:start + size]
@@ -128,20 +143,35 @@ class QwenBackend:
                                     eos_ids=self.eos_ids, pad_id=self.pad_id, temperature=self.generator.temperature,
                                     top_p=self.generator.top_p, seed=seed)[:len(batch)]
       for row, ids in zip(rows, outputs):
-        results[row] = (prompts.parse_rewrite(self.tokenizer.decode(ids)), len(ids))
+        text = prompts.parse_rewrite(self.tokenizer.decode(ids))
+        tail = items[row]["positive"][cuts[row]:]
+        results[row] = (None if text is None else text + tail, len(ids), "")
     return results
 
 
-def _fingerprint(config, num_items: int) -> str:
-  """What decides the records: the generator's settings, the prompts, the rows rewritten and the corpus."""
+def _fingerprint(config, num_items: int, window: EncoderWindow | None) -> str:
+  """What decides the records: the generator's settings, the prompts, the rows rewritten, the corpus and
+  the retriever's window."""
   # Not ``env``: where the generator runs (which chips) does not change what it writes.
   fields = {k: v for k, v in config.generator.to_dict().items() if k != "env"} | {
       "prompt_version": prompts.PROMPT_VERSION, "num_items": num_items,
       "rows": [[language, data.spec_identity(spec)] for language, spec in _source_specs(config)],
       "corpus": [data.spec_identity(data.expand_spec(config.data.corpus, config.data.root, language))
                  for language, _ in _source_specs(config)] if config.generator.backend == "rules" else [],
-      "title_sample": RulesBackend.TITLE_SAMPLE if config.generator.backend == "rules" else 0}
+      "title_sample": RulesBackend.TITLE_SAMPLE if config.generator.backend == "rules" else 0,
+      "window": [tokenization.fingerprint(window.tokenizer), window.max_length, window.separator] if window else None}
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def encoder_window(config) -> EncoderWindow | None:
+  """The retriever's window: its tokenizer (``tokenizer.name_or_path``; the rounds pass the run's own) and
+  ``data.passage_max_length``. Without a tokenizer, edits may fall anywhere in the passage."""
+  if not config.tokenizer.name_or_path:
+    logging.warning("generator: no tokenizer.name_or_path, so edits are not kept to the %d tokens the retriever "
+                    "reads", config.data.passage_max_length)
+    return None
+  return EncoderWindow(tokenization.load_tokenizer(config.tokenizer.name_or_path), config.data.passage_max_length,
+                       config.data.title_separator)
 
 
 def done_path(output: str, shard: int) -> str:
@@ -154,10 +184,11 @@ def run(config, output: str, process_index: int = 0, process_count: int = 1) -> 
   if not config.data.prepared_dir:  # Standalone: the rules backend's prepared corpora live beside the output.
     config = config.copy_and_resolve_references()
     config.data.prepared_dir = os.path.join(output, "prepared")
-  items = work_items(config)
+  window = encoder_window(config)
+  items = work_items(config, window)
   shard_size = config.generator.shard_size
   num_shards = max(1, -(-len(items) // shard_size))
-  fingerprint = _fingerprint(config, len(items))
+  fingerprint = _fingerprint(config, len(items), window)
   manifest_path = os.path.join(output, "manifest.json")
   manifest = {"fingerprint": fingerprint, "num_records": len(items), "shard_size": shard_size,
               "num_shards": num_shards, "prompt_version": prompts.PROMPT_VERSION,
@@ -184,11 +215,13 @@ def run(config, output: str, process_index: int = 0, process_count: int = 1) -> 
       continue
     backend = backend or backend_cls(config)  # The model loads only when there is work left.
     records, counts = [], {}
-    for item, (text, tokens) in zip(shard_items, backend.rewrite(shard_items)):
-      if text is None and config.generator.backend == "rules":
-        reason = "not_applicable"  # The rule has nothing to edit in this passage.
+    for item, (text, tokens, why) in zip(shard_items, backend.rewrite(shard_items)):
+      if text is None and why:
+        reason = why  # e.g. the rule has nothing to edit (where the retriever reads)
       else:
         reason = checks.reject_reason(text, item["positive"], item["language"], item["answers"])
+      if reason is None and window and window.same_input(item["title"], item["positive"], text):
+        reason = "outside_window"  # every change lies beyond the tokens the retriever reads
       records.append({"query_id": item["query_id"], "source_docid": item["source_docid"],
                       "language": item["language"], "technique": item["technique"],
                       "backend": config.generator.backend, "model_id": backend.model_id,

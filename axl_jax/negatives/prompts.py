@@ -11,7 +11,8 @@ import re
 
 from axl_jax.data import LANGUAGE_NAMES
 
-PROMPT_VERSION = "v1"
+# v2: long passages are shown only up to the retriever's window (negatives/window.py).
+PROMPT_VERSION = "v2"
 
 TECHNIQUES = {
     "entity_substitution": (

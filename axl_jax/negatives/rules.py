@@ -7,7 +7,9 @@
 - logical negation: the first match of a small per-language lexicon of (affirmative, negated) pairs
   flips, in whichever direction the passage allows.
 
-Deterministic for a given ``rng``. Returns None when a technique does not apply to a passage.
+Each edit is chosen inside the first ``limit`` characters of the passage, the part the retriever reads
+(``negatives/window.py``): a number there, an entity found there (then replaced everywhere), a lexicon
+match there. Deterministic for a given ``rng``. Returns None when a technique does not apply there.
 """
 from __future__ import annotations
 
@@ -43,8 +45,9 @@ def _render(value: int, like: str) -> str:
   return "".join(chr(zero + int(d)) for d in str(value))
 
 
-def perturb_number(text: str, rng: np.random.Generator) -> str | None:
-  matches = list(_NUMBER.finditer(text))
+def perturb_number(text: str, rng: np.random.Generator, limit: int | None = None) -> str | None:
+  limit = len(text) if limit is None else limit
+  matches = [match for match in _NUMBER.finditer(text) if match.end() <= limit]
   if not matches:
     return None
   match = matches[int(rng.integers(len(matches)))]
@@ -61,8 +64,10 @@ def perturb_number(text: str, rng: np.random.Generator) -> str | None:
   return text[:match.start()] + _render(new_value, digits) + text[match.end():]
 
 
-def substitute_entity(text: str, title: str, language_titles: list[str], rng: np.random.Generator) -> str | None:
-  present = [t for t in dict.fromkeys([title] + language_titles) if len(t) >= 3 and t in text]
+def substitute_entity(text: str, title: str, language_titles: list[str], rng: np.random.Generator,
+                      limit: int | None = None) -> str | None:
+  window = text if limit is None else text[:limit]
+  present = [t for t in dict.fromkeys([title] + language_titles) if len(t) >= 3 and t in window]
   if not present:
     return None
   entity = present[0] if title in present else present[int(rng.integers(len(present)))]
@@ -72,22 +77,24 @@ def substitute_entity(text: str, title: str, language_titles: list[str], rng: np
   return text.replace(entity, replacements[int(rng.integers(len(replacements)))])
 
 
-def negate(text: str, language: str) -> str | None:
+def negate(text: str, language: str, limit: int | None = None) -> str | None:
   """Removes the first lexicon negation found, else negates the first affirmative found."""
+  limit = len(text) if limit is None else limit
   for affirmative, negated in NEGATIONS.get(language, []):
-    if negated in text:
-      return text.replace(negated, affirmative, 1)
-    if affirmative in text:
-      return text.replace(affirmative, negated, 1)
+    for old, new in ((negated, affirmative), (affirmative, negated)):
+      at = text.find(old, 0, limit)
+      if at >= 0:
+        return text[:at] + new + text[at + len(old):]
   return None
 
 
 def rewrite(technique: str, text: str, title: str, language: str, language_titles: list[str],
-            rng: np.random.Generator) -> str | None:
+            rng: np.random.Generator, limit: int | None = None) -> str | None:
+  """``technique``'s edit of ``text`` inside its first ``limit`` characters (None: anywhere)."""
   if technique == "numerical_perturbation":
-    return perturb_number(text, rng)
+    return perturb_number(text, rng, limit)
   if technique == "entity_substitution":
-    return substitute_entity(text, title, language_titles, rng)
+    return substitute_entity(text, title, language_titles, rng, limit)
   if technique == "logical_negation":
-    return negate(text, language)
+    return negate(text, language, limit)
   raise ValueError(f"unknown technique {technique!r}")
