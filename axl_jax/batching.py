@@ -161,14 +161,16 @@ class SupervisedBatches:
   ``rows`` has ``len()`` and ``examples(indices)`` (``prepared.ConcatRows``, or ``data.ExampleList`` for rows
   in memory): a step reads and tokenizes only its own batch. Passages are keyed by ``(language, docid)``:
   Mr.TyDi reuses ids such as ``"25267#12"`` in every language. With ``adversarial`` negatives
-  (``(language, query_id)`` -> passages), each group takes up to ``adversarial_per_group`` of them first and
-  fills the rest with the row's own (BM25) negatives; a row short of negatives borrows other rows' positives.
+  (``(language, query_id)`` -> passages), each group takes up to ``adversarial_per_group`` of them first, then
+  up to ``mined_per_group`` of the ``mined`` ones (the model's own top-ranked non-positives), and fills the
+  rest with the row's own (BM25) negatives; a row short of negatives borrows other rows' positives.
   """
 
   def __init__(self, rows, tokenizer, shape: BatchShape, seed: int, query_max_length: int,
                passage_max_length: int, title_separator: str,
                adversarial: dict[tuple[str, str], tuple[Passage, ...]] | None = None,
-               adversarial_per_group: int = 0):
+               adversarial_per_group: int = 0,
+               mined: dict[tuple[str, str], tuple[Passage, ...]] | None = None, mined_per_group: int = 0):
     self.rows = rows if hasattr(rows, "examples") else ExampleList(rows)
     if not len(self.rows):
       raise ValueError("no training rows")
@@ -176,6 +178,7 @@ class SupervisedBatches:
     self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
     self.title_separator = title_separator
     self.adversarial, self.adversarial_per_group = adversarial or {}, adversarial_per_group
+    self.mined, self.mined_per_group = mined or {}, mined_per_group
 
   def group(self, epoch: int, index: int, example: TrainExample | None = None) -> list[Passage]:
     """The passages of one query's group: its positive first, then rotating hard negatives."""
@@ -183,7 +186,10 @@ class SupervisedBatches:
     positive = example.positives[epoch % len(example.positives)]
     wanted = self.shape.group_size - 1
     chosen = _rotate(list(self.adversarial.get(example.key, ())), epoch, min(self.adversarial_per_group, wanted))
-    chosen += _rotate(list(example.negatives), epoch, wanted - len(chosen))
+    chosen += _rotate(list(self.mined.get(example.key, ())), epoch, min(self.mined_per_group, wanted - len(chosen)))
+    # A mined passage may also be one of the row's BM25 negatives: not twice in one group.
+    taken = {p.docid for p in chosen}
+    chosen += _rotate([p for p in example.negatives if p.docid not in taken], epoch, wanted - len(chosen))
     positives = {p.docid for p in example.positives}
     rng = np.random.default_rng([self.seed, _FILL_SALT, epoch, index])
     attempts = 0

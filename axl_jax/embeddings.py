@@ -256,6 +256,32 @@ def read_shards_manifest(directory: str, name: str) -> dict:
   return io.read_json(shards_manifest_path(directory, name))
 
 
+def read_rows(directory: str, name: str, rows, with_ids: bool = True) -> tuple[list | None, np.ndarray]:
+  """``(ids, float32 vectors)`` of items ``rows`` (indices into the whole set, in any order), read from
+  memory-mapped shards: only the shards holding them are touched, and of those only the rows asked for.
+  ``with_ids=False`` skips reading the shards' id lists (whole files) and gives ``None`` for the ids."""
+  manifest = read_shards_manifest(directory, name)
+  rows = np.asarray(rows, np.int64)
+  starts = np.cumsum([0] + [shard["count"] for shard in manifest["shards"]])
+  if len(rows) and (rows.min() < 0 or rows.max() >= starts[-1]):
+    raise IndexError(f"{directory}/{name}: rows must be in [0, {starts[-1]}), got {rows.min()}..{rows.max()}")
+  owner = np.searchsorted(starts, rows, side="right") - 1
+  ids: list | None = [None] * len(rows) if with_ids else None
+  vectors = None
+  for index in np.unique(owner):
+    shard = manifest["shards"][index]
+    slots = np.flatnonzero(owner == index)
+    array = np.load(os.path.join(directory, shard["embeddings"]), mmap_mode="r")
+    if vectors is None:
+      vectors = np.zeros((len(rows), array.shape[1]), np.float32)
+    vectors[slots] = array[rows[slots] - starts[index]]
+    if ids is not None:
+      shard_ids = io.read_lines(os.path.join(directory, shard["ids"]))
+      for slot in slots:
+        ids[slot] = shard_ids[rows[slot] - starts[index]]
+  return ids, vectors if vectors is not None else np.zeros((0, 0), np.float32)
+
+
 def load_shards(directory: str, name: str, with_embeddings: bool = True, shards: slice = slice(None)):
   """Yields ``(ids, embeddings)`` for each shard listed in ``<name>.manifest.json`` (those of ``shards``)."""
   manifest = read_shards_manifest(directory, name)

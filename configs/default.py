@@ -98,6 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluate = ml_collections.ConfigDict()
   config.evaluate.split = "dev"               # query split: dev | test
   config.evaluate.checkpoint = ""             # evaluate this checkpoint dir ("" = the last trained stage)
+  config.evaluate.checkpoint_name = "model"   # its row in the tables
   config.evaluate.depth = 100                 # hits kept per query
   # flat (exact inner product) | ivf (IVF-PQ) | hnsw. Approximate indexes are built once per checkpoint and
   # shard, saved beside its embeddings, and their Recall@depth against exact search is reported.
@@ -118,6 +119,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluate.bm25_max_passages = 500000
   config.evaluate.bm25_run = ""               # TREC run files of BM25 ({lang}, {lang_name}, {split} expand)
   config.evaluate.also_checkpoints = ""       # extra stages to evaluate for the table, e.g. "ict"
+  # Every other row is tested against this one (paired randomization test and bootstrap intervals over the
+  # queries, per language and for the macro average); "" or a system not in the table = no tests.
+  config.evaluate.baseline = "finetune"
+  config.evaluate.significance_resamples = 10000
 
   config.export = ml_collections.ConfigDict()
   config.export.checkpoint = ""               # export this checkpoint dir ("" = the last trained stage)
@@ -149,7 +154,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.adversarial.guard = True             # false-negative guard: drop s(q,neg) >= s(q,pos) - guard_margin
   config.adversarial.guard_margin = 0.0
   config.adversarial.adversarial_per_group = 1  # kept adversarial negatives in each training group
+  # Where the rounds' negatives come from: generated (the generator's rewrites), mined (the current model's
+  # top-ranked passages that are not judged relevant, ANCE/Tevatron-style) or both: "generated,mined".
+  config.adversarial.sources = "generated"
+  config.adversarial.mine_skip = 3            # non-relevant hits skipped at the top (likely unjudged positives)
+  config.adversarial.mine_depth = 30          # mined candidates: non-relevant hits mine_skip+1 .. mine_depth
+  config.adversarial.mined_keep_fraction = 1.0  # of the mined candidates past the guard (hardest first)
+  config.adversarial.mined_per_group = 1      # kept mined negatives in each training group
   config.adversarial.score_batch_size = 256   # encoding batch when scoring candidates
+  config.adversarial.seed = 0                 # varies the rounds' batches and filter alone (seeds of ablations)
   # The rounds train on finetune's rows (and generate for them); init_checkpoint applies to round_1 only.
   config.adversarial.train = train_stage(rows=False, num_steps=2000, batch_size=128, group_size=8,
                                          learning_rate=5e-6, warmup_steps=100, checkpoint_every=500)

@@ -42,8 +42,13 @@ def get_config():
   config.stages = "ict,pretrain,finetune,round_1,round_2,evaluate,visualize,export"
   # Adversarial rounds with the rules backend: candidates for every training query each round.
   config.adversarial.rounds = 2
-  config.adversarial.train.update(num_steps=100, batch_size=32, group_size=3, learning_rate=1e-4, warmup_steps=10,
+  config.adversarial.train.update(num_steps=100, batch_size=32, group_size=4, learning_rate=1e-4, warmup_steps=10,
                                   **common)
+  # Rule-made negatives and the model's own mined ones (non-relevant ranks 4-13 of each query); groups of 4:
+  # the positive, 1 generated, 2 mined. The ablations (README) measure each source alone.
+  config.adversarial.sources = "generated,mined"
+  config.adversarial.mine_depth = 13
+  config.adversarial.mined_per_group = 2
   config.generator.backend = "rules"
   config.generator.shard_size = 512
   config.visualize.queries_per_language = 20

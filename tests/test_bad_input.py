@@ -89,14 +89,19 @@ def test_config_mistakes_fail_at_launch(override, message):
 def test_every_shipped_config_loads_and_validates_its_fields():
   import importlib
   from axl_jax import pipeline
-  for name, args in [("demo", ()), ("ict_p", ()), ("axl", ()), ("evaluate", ()), ("ablations", ("no_filter",)),
-                     ("ablations", ("random",)), ("ablations", ("no_guard",))]:
+  from configs import ablations
+  for name, args in [("demo", ()), ("ict_p", ()), ("axl", ()), ("evaluate", ()), ("minilm_en", ())] + [
+      ("ablations", (variant,)) for variant in ablations.VARIANTS]:
     config = importlib.import_module(f"configs.{name}").get_config(*args)
     names = pipeline.validate_config(config)  # the launch-time validation, data files included
     assert names == config.stages.split(",") and all(pipeline.stage_module(n) for n in names), name
   config = importlib.import_module("configs.demo").get_config()
   config.adversarial.selection = "hardest_first"
   with pytest.raises(ValueError, match="adversarial.selection must be one of hardest,random,all"):
+    pipeline.validate_config(config)
+  config = importlib.import_module("configs.demo").get_config()
+  config.adversarial.sources = "generated,minded"
+  with pytest.raises(ValueError, match="adversarial.sources must name one or both of generated,mined"):
     pipeline.validate_config(config)
   with pytest.raises(ValueError, match="unknown ablation 'bogus'"):
     importlib.import_module("configs.ablations").get_config("bogus")

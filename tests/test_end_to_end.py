@@ -1,5 +1,6 @@
 """One tiny run through every stage, its outputs, resuming a finished run, and restore-and-evaluate."""
 import collections
+import glob
 import json
 import math
 import os
@@ -58,6 +59,25 @@ def test_evaluation_table_and_run_files(finished_run):
       assert system[language]["queries"] == {"bn": 17, "th": 109}[language]
   lines = open(os.path.join(workdir, "evaluate", "runs", "round_1.th.dev.trec")).read().splitlines()
   assert len(lines) == 109 * 100 and lines[0].split()[3] == "1"
+  # Every other row against the supervised baseline: per-query samples that average to the table's values,
+  # and a paired test per language and for the macro average, shown in results.md.
+  with open(os.path.join(workdir, "evaluate", "per_query.json")) as file:
+    per_query = json.load(file)
+  with open(os.path.join(workdir, "evaluate", "significance.json")) as file:
+    significance = json.load(file)
+  assert significance["baseline"] == "finetune"
+  for system in ("BM25", "ict", "round_1"):
+    for language in ("bn", "th"):
+      values = [v["MRR@100"] for v in per_query[system][language].values()]
+      assert np.mean(values) == pytest.approx(results[system][language]["MRR@100"])
+      diff = results[system][language]["MRR@100"] - results["finetune"][language]["MRR@100"]
+      test = significance["tests"]["MRR@100"][system][language]
+      assert test["diff"] == pytest.approx(diff) and 0 < test["p"] <= 1
+      assert test["ci_low"] <= test["diff"] <= test["ci_high"]
+    assert significance["tests"]["MRR@100"][system]["avg"]["queries"] == 17 + 109
+  assert "finetune" not in significance["tests"]["MRR@100"]
+  table = open(os.path.join(workdir, "evaluate", "results.md")).read()
+  assert "| finetune (baseline) |" in table and "| MRR@100: system - finetune |" in table
 
 
 def test_results_equal_trec_eval_on_the_written_run_files(finished_run):
@@ -242,3 +262,88 @@ def test_a_round_with_colliding_query_ids_keys_by_language(colliding_ids_run):
   for decision in decisions:  # each candidate was made from (and scored against) its own language's positive
     assert decision["source_docid"] in positives[(decision["language"], decision["query_id"])]
   assert sum(d["kept"] for d in decisions) > 0
+
+
+def finetune_manifests(workdir):
+  """The corpus shard manifests of the finetune checkpoint's embeddings, one per language."""
+  manifests = [os.path.join(directory, language, "corpus.manifest.json")
+               for directory in glob.glob(os.path.join(workdir, "embeddings", "*")) for language in ("bn", "th")]
+  return [m for m in manifests if os.path.exists(m) and "/finetune/" in json.load(open(m))["checkpoint"]]
+
+
+def test_a_round_mines_the_models_own_negatives_by_language(colliding_ids_run, tmp_path):
+  # Mr.TyDi-style ids (the same query and passage ids in both languages): the round mines the finetuned model's
+  # top-ranked non-positives per (language, query), from corpus embeddings it makes once for that checkpoint.
+  from axl_jax import data
+  workdir = str(tmp_path / "run")
+  shutil.copytree(colliding_ids_run, workdir, symlinks=True)
+  shutil.rmtree(os.path.join(workdir, "embeddings"))
+  root = os.path.join(os.path.dirname(colliding_ids_run), "data")
+  _main(workdir, f"--config.data.root={root}", "--config.stages=round_1,evaluate", "--config.evaluate.bm25=False",
+        "--config.adversarial.sources=generated,mined", "--config.adversarial.mine_skip=2",
+        "--config.adversarial.mine_depth=6", "--config.recompute=round_1")
+  rows = {(lang, e.query_id): e for lang in ("bn", "th")
+          for e in data.read_train(os.path.join(root, "train", f"{lang}.jsonl.gz"), lang)}
+  corpus = {(lang, p.docid): p for lang in ("bn", "th")
+            for p in data.read_corpus(os.path.join(root, "corpus", f"{lang}.jsonl.gz"))}
+  mined = [json.loads(line) for line in open(os.path.join(workdir, "round_1", "mined.jsonl"))]
+  per_query = collections.defaultdict(list)
+  for record in mined:
+    key = (record["language"], record["query_id"])
+    per_query[key].append(record)
+    assert record["docid"] not in {p.docid for p in rows[key].positives}  # never a judged positive
+    assert (record["language"], record["docid"]) in corpus and "text" not in record  # ids only
+  assert set(per_query) == set(rows)  # every training query of both languages
+  for records in per_query.values():  # non-relevant ranks 3..6, best first
+    assert [r["rank"] for r in records] == [3, 4, 5, 6]
+    assert all(a["search_score"] >= b["search_score"] for a, b in zip(records, records[1:]))
+  decisions = [json.loads(line) for line in open(os.path.join(workdir, "round_1", "decisions.jsonl"))]
+  mined_decisions = [d for d in decisions if d["technique"] == "mined"]
+  assert len(mined_decisions) == len(mined)
+  import ml_collections
+  from axl_jax import embeddings, tokenization
+  with open(os.path.join(workdir, "round_1", "manifest.json")) as file:
+    config = ml_collections.ConfigDict(json.load(file)["config"])
+  encoder = embeddings.Encoder(os.path.join(workdir, "finetune", "checkpoints"), config,
+                               tokenization.load_tokenizer(os.path.join(workdir, "tokenizer")))
+  stored = {}  # the finetune checkpoint's float16 corpus vectors, by (language, docid)
+  for manifest in finetune_manifests(workdir):
+    language = os.path.basename(os.path.dirname(manifest))
+    for ids, vectors in embeddings.load_shards(os.path.dirname(manifest), "corpus"):
+      stored.update({(language, docid): vector.astype(np.float32) for docid, vector in zip(ids, vectors)})
+  fresh, from_shards = {}, {}  # each query's positive and BM25 negatives: encoded again / from the shards
+  for key, example in rows.items():
+    passages = example.positives[:1] + example.negatives
+    query, = encoder.encode([example.query], "query")
+    fresh[key] = query @ encoder.encode([data.passage_text(p, config.data.title_separator) for p in passages],
+                                        "passage").T
+    from_shards[key] = (query, [float(query @ stored[(key[0], p.docid)]) for p in passages])
+  for decision, record in zip(mined_decisions, mined):
+    key = (record["language"], record["query_id"])
+    query, scores = from_shards[key]
+    assert (decision["docid"], decision["rank"], decision["title"]) == (record["docid"], record["rank"], None)
+    # The mined passage, its positive and its BM25 negatives are scored from the float16 shards of its own
+    # language (to 1e-5: not encoded again, which differs by float16 rounding, ~1e-4, while the other
+    # language's passage of the same id would score quite differently); the search ranked them alike.
+    assert decision["score_negative"] == record["score_negative"]
+    assert record["score_negative"] == pytest.approx(float(query @ stored[(key[0], record["docid"])]), abs=1e-5)
+    assert record["score_negative"] == pytest.approx(record["search_score"], abs=1e-5)
+    assert decision["score_positive"] == record["score_positive"] == pytest.approx(scores[0], abs=1e-5)
+    assert decision["score_best_bm25"] == pytest.approx(max(scores[1:]), abs=1e-5)
+    assert decision["score_positive"] == pytest.approx(fresh[key][0], abs=2e-3)
+  for decision in mined_decisions:  # the guard, then every eligible one (mined_keep_fraction 1.0)
+    guarded = decision["score_negative"] >= decision["score_positive"]
+    assert decision["reason"] == ("guard" if guarded else "kept")
+  assert sum(d["kept"] for d in mined_decisions) > 0
+  for language in ("bn", "th"):  # the generated ones keep their own hardest quarter, as without mining
+    generated = [d for d in decisions if d["technique"] != "mined" and d["language"] == language]
+    eligible = sum(d["reason"] != "guard" for d in generated)
+    assert sum(d["kept"] for d in generated) == math.ceil(0.25 * eligible) > 0
+  with open(os.path.join(workdir, "round_1", "round_stats.json")) as file:
+    stats = json.load(file)
+  assert stats["technique/mined/candidates"] == len(mined)
+  # The finetune checkpoint's corpus was encoded once, in the round, before its decisions; evaluate reused it.
+  finetune = finetune_manifests(workdir)
+  assert len(finetune) == 2
+  decided = os.path.getmtime(os.path.join(workdir, "round_1", "decisions.jsonl"))
+  assert all(os.path.getmtime(m) < decided for m in finetune)

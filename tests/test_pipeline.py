@@ -53,6 +53,24 @@ def test_adversarial_negatives_attach_to_their_own_languages_query():
       assert negative == _tokens("en negative")
 
 
+def test_groups_take_generated_then_mined_then_bm25_negatives():
+  # Group of 4: the positive, 1 generated, 1 mined (of 2, rotating over epochs), then the BM25 negative.
+  shape = batching.BatchShape(2, 4, (16,), (40,))
+  adversarial = {("ar", "1"): (Passage("round_1-adv-0", "", "ar adversarial"),)}
+  mined = {("ar", "1"): (Passage("9#1", "", "ar mined a"), Passage("9#2", "", "ar mined b"))}
+  batches = batching.SupervisedBatches(_colliding_examples(), CharTokenizer(), shape, 0, 16, 40, " ",
+                                       adversarial=adversarial, adversarial_per_group=1, mined=mined,
+                                       mined_per_group=1)
+  example = _colliding_examples()[0]
+  groups = [[p.text for p in batches.group(epoch, 0, example)] for epoch in (0, 1)]
+  assert groups[0][:2] == ["ar positive", "ar adversarial"] and groups[1][:2] == ["ar positive", "ar adversarial"]
+  assert {groups[0][2], groups[1][2]} == {"ar mined a", "ar mined b"}
+  assert groups[0][3] == groups[1][3] == "ar negative"
+  # The other language's query "1" gets none of them.
+  other = [p.text for p in batches.group(0, 1, _colliding_examples()[1])]
+  assert other[:2] == ["en positive", "en negative"]
+
+
 def test_no_import_circle_in_the_package():
   edges = {}
   root = os.path.join(REPO, "axl_jax")
@@ -241,6 +259,52 @@ def test_shards_are_encoded_a_chunk_at_a_time_in_corpus_order(tmp_path):
   np.testing.assert_array_equal(np.concatenate([v for _, v in shards])[:, 0], np.arange(10))
 
 
+def test_rows_are_read_from_the_shards_in_the_order_asked(tmp_path):
+  # A round scores a mined passage's positive and BM25 negatives from the corpus shards by row: rows in any
+  # order, repeated, across shards; float16 rows come back as float32; a row past the end is refused.
+  from axl_jax import embeddings
+  ids = [f"d{i}" for i in range(10)]
+  embed = lambda texts, progress: np.asarray([[int(t[1:]) + 0.25, -1.0] for t in texts], np.float32)
+  embeddings.export_shards(str(tmp_path), "corpus", 10, lambda a, b: (ids[a:b], ids[a:b]), embed, 4, {"key": "a"},
+                           dtype="float16")
+  got_ids, vectors = embeddings.read_rows(str(tmp_path), "corpus", [9, 0, 5, 4, 5])
+  assert got_ids == ["d9", "d0", "d5", "d4", "d5"] and vectors.dtype == np.float32
+  np.testing.assert_array_equal(vectors, [[9.25, -1], [0.25, -1], [5.25, -1], [4.25, -1], [5.25, -1]])
+  assert embeddings.read_rows(str(tmp_path), "corpus", [])[0] == []
+  no_ids, same = embeddings.read_rows(str(tmp_path), "corpus", [9, 0, 5, 4, 5], with_ids=False)
+  assert no_ids is None and (same == vectors).all()
+  for outside in (10, -1):
+    with pytest.raises(IndexError, match="rows must be in"):
+      embeddings.read_rows(str(tmp_path), "corpus", [outside])
+
+
+def test_shard_vectors_are_each_docids_own_corpus_row(tmp_path):
+  # Mined negatives are guarded with their positive's score from the shards: each docid's own row, a docid
+  # the corpus lacks left out (its query gets no mined negatives), shards out of the corpus's order refused.
+  from axl_jax import embeddings
+  from axl_jax.stages import round as rounds
+  ids = [f"25267#{i}" for i in range(6)]
+  embed = lambda texts, progress: np.asarray([[float(t.split("#")[1]), 1.0] for t in texts], np.float32)
+  embeddings.export_shards(str(tmp_path), "corpus", 6, lambda a, b: (ids[a:b], ids[a:b]), embed, 4, {"key": "a"},
+                           dtype="float16")
+
+  class Corpus:
+    def __init__(self, order):
+      self.order = order
+
+    def index_of(self, docids):
+      return np.asarray([self.order.index(d) if d in self.order else -1 for d in docids], np.int64)
+  vectors = rounds._shard_vectors(Corpus(ids), str(tmp_path), ["25267#5", "gone", "25267#1"])
+  assert sorted(vectors) == ["25267#1", "25267#5"]
+  np.testing.assert_array_equal(vectors["25267#5"], [5.0, 1.0])
+  np.testing.assert_array_equal(vectors["25267#1"], [1.0, 1.0])
+  with pytest.raises(RuntimeError, match="not in the order of the prepared corpus"):
+    rounds._shard_vectors(Corpus(ids[::-1]), str(tmp_path), ["25267#5"])
+  # Later chunks of a language skip reading the id lists (checked on its first chunk).
+  unchecked = rounds._shard_vectors(Corpus(ids[::-1]), str(tmp_path), ["25267#5"], check_order=False)
+  np.testing.assert_array_equal(unchecked["25267#5"], [0.0, 1.0])
+
+
 def test_tokenizer_fingerprint_ignores_the_last_calls_truncation(tokenizer):
   from axl_jax import tokenization
   before = tokenization.fingerprint(tokenizer)
@@ -265,7 +329,8 @@ def test_candidates_are_scored_in_batches_of_score_batch_size():
     def encode(self, texts, tower, batch_size=None, progress=None):
       sizes.append(batch_size)
       return np.ones((len(texts), 2), np.float32)
-  records = [{"language": "ar", "query_id": "1", "source_docid": "25267#12", "text": "edited"}]
+  records = [{"language": "ar", "query_id": "1", "source_docid": "25267#12", "text": "edited",
+              "technique": "entity_substitution"}]
   rows = batching.ExampleList(_colliding_examples())  # "1" in ar and en: only ar's row has a candidate
   positive, negative, bm25, titles = rounds._score(RecordingEncoder(), records, rows, " ", 7)
   assert sizes == [7, 7, 7] and positive.tolist() == [2.0] and negative.tolist() == [2.0] and bm25 == [2.0]

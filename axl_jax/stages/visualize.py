@@ -52,7 +52,8 @@ def _sample(config, rows, decisions: list[dict]) -> list[tuple[str, str, str]]:
   """
   per_language = config.visualize.queries_per_language
   adversarial = {}
-  for decision in decisions:
+  # The generated negatives (mined ones are corpus passages, named by id in the decisions).
+  for decision in (d for d in decisions if d.get("technique") != "mined"):
     key = (decision["language"], decision["query_id"])
     if decision["kept"] or key not in adversarial:
       adversarial[key] = decision["text"]
