@@ -2,7 +2,8 @@
 
 Import: ``config.json`` + ``*.safetensors`` (sharded too) of a BERT or XLM-RoBERTa checkpoint
 (mBERT, mDPR, mContriever, XLM-R, mE5), from a local directory or a hub id, into the Flax
-``Encoder``'s tree. Export: a trained encoder as a HF model directory (``config.json``,
+``Encoder``'s tree, with the pooling and normalisation of its sentence-transformers description
+(``modules.json``) where it has one. Export: a trained encoder as a HF model directory (``config.json``,
 ``model.safetensors``, tokenizer files) plus a sentence-transformers pooling description, so
 ``transformers.AutoModel`` and ``sentence_transformers.SentenceTransformer`` load it.
 
@@ -81,15 +82,64 @@ def resolve(name_or_path: str) -> str:
 
 
 def read_hf_config(directory: str) -> dict:
+  """``config.json``, plus under ``sentence_transformers`` what the model's sentence-transformers description
+  prescribes (``read_sentence_transformers``) when it has one."""
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{directory}: no config.json; not a Hugging Face model directory")
   with open(path, encoding="utf-8") as file:
-    return json.load(file)
+    hf_config = json.load(file)
+  description = read_sentence_transformers(directory)
+  if description:
+    hf_config["sentence_transformers"] = description
+  return hf_config
+
+
+# Single pooling modes of sentence-transformers' Pooling that the encoder computes (its names, old and new).
+_POOLING_MODES = {"cls": "cls", "mean": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
+
+
+def read_sentence_transformers(directory: str) -> dict:
+  """``{"pooling": "cls" | "mean", "normalize": bool}`` from ``modules.json`` and ``1_Pooling/config.json``,
+  or ``{}`` without a ``modules.json``.
+
+  Sentence-transformers models (all-MiniLM-L6-v2, mE5, ...) are trained to be used pooled and normalised
+  as this description says, and their config.json does not say it: an import that kept the configured
+  CLS pooling would give other embeddings than the model's. Modules the encoder cannot reproduce (Dense,
+  other pooling modes) are named in a warning and left out.
+  """
+  path = os.path.join(directory, "modules.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as file:
+    modules = json.load(file)
+  description = {"normalize": False}
+  for module in modules:
+    kind = module.get("type", "").rsplit(".", 1)[-1]
+    if kind == "Transformer":
+      continue
+    if kind == "Normalize":
+      description["normalize"] = True
+      continue
+    if kind == "Pooling":
+      with open(os.path.join(directory, module.get("path", ""), "config.json"), encoding="utf-8") as file:
+        pooling = json.load(file)
+      # sentence-transformers >= 6 writes "pooling_mode"; earlier versions one boolean per mode.
+      modes = pooling.get("pooling_mode", [key for key, value in pooling.items()
+                                           if key.startswith("pooling_mode_") and value is True])
+      modes = [modes] if isinstance(modes, str) else list(modes)
+      if len(modes) == 1 and modes[0] in _POOLING_MODES:
+        description["pooling"] = _POOLING_MODES[modes[0]]
+        continue
+    logging.warning("%s: sentence-transformers module %s (%s) is not reproduced by the encoder; the imported "
+                    "model's embeddings will differ from sentence-transformers'", path, module.get("name"),
+                    module.get("type"))
+  return description
 
 
 def model_config_from_hf(hf_config: dict, model_config):
-  """``model_config`` with its architecture fields replaced by the checkpoint's."""
+  """``model_config`` with its architecture fields replaced by the checkpoint's, and its pooling and
+  normalisation by those of the checkpoint's sentence-transformers description, where it has one."""
   family = hf_config.get("model_type")
   if family not in FAMILIES:
     raise ValueError(f"config.json: model_type {family!r} is not supported; expected one of {sorted(FAMILIES)}")
@@ -109,6 +159,11 @@ def model_config_from_hf(hf_config: dict, model_config):
       position_offset=hf_config.get("pad_token_id", 1) + 1 if family != "bert" else 0,
       layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
       initializer_range=hf_config.get("initializer_range", 0.02))
+  for field, value in hf_config.get("sentence_transformers", {}).items():
+    if config[field] != value:
+      logging.info("model.%s: %r -> %r, as the checkpoint's sentence-transformers description says", field,
+                   config[field], value)
+      config[field] = value
   return config
 
 
@@ -201,8 +256,9 @@ def check_shapes(loaded, expected, where: str = "") -> None:
 def load_encoder(name_or_path: str, model_config):
   """``(model_config, params)`` of a ``BiEncoder`` whose towers start from the HF checkpoint.
 
-  The architecture comes from the checkpoint; pooling, projection, normalisation and tying stay as
-  configured. A projection head, if configured, keeps its random initialisation.
+  The architecture comes from the checkpoint, and so do pooling and normalisation where it has a
+  sentence-transformers description; projection and tying stay as configured (the rest too, without a
+  description). A projection head, if configured, keeps its random initialisation.
   """
   import jax
   from axl_jax import encoder

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up and runs the whole pipeline on the embedded demo data (two CPU cores: about 10 minutes).
+# Sets up (the CPU stack of requirements.txt) and runs the whole pipeline on the embedded demo data
+# (two CPU cores: about 15 minutes, installation included; README "What the demo measured").
 # Extra arguments go to axl_jax.main, e.g. --config.finetune.num_steps=100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
