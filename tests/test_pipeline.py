@@ -305,6 +305,41 @@ def test_shard_vectors_are_each_docids_own_corpus_row(tmp_path):
   np.testing.assert_array_equal(unchecked["25267#5"], [0.0, 1.0])
 
 
+def test_mined_records_by_hand_and_the_same_in_any_chunk_size():
+  # Five queries' hits (best first). q2's positive is not in the corpus: no guard, so no mined negatives.
+  # "gone" is a hit the corpus lacks (left out, the ranks close up); judged positives are removed before ranking.
+  from axl_jax.stages import round as rounds
+  corpus = {"p0": [1.0, 0.0], "p1": [0.0, 1.0], "p3": [1.0, 1.0], "p4": [0.5, 0.5], "a": [2.0, 0.0],
+            "b": [0.0, 3.0], "c": [1.0, 2.0], "d": [0.25, 0.0], "n0": [0.5, 0.0]}
+  items = [(10, "q0", "p0", {"p0"}, ["n0"]), (11, "q1", "p1", {"p1", "b"}, []), (12, "q2", "p2", {"p2"}, ["n0"]),
+           (13, "q3", "p3", {"p3"}, ["gone"]), (14, "q4", "p4", {"p4"}, ["n0", "d"])]
+  queries = np.asarray([[1, 0], [0, 1], [1, 1], [2, 1], [1, -1]], np.float32)
+  docids = [["p0", "a", "gone", "c", "d"], ["b", "c", "p1", "a", "d"], ["a", "b", "c", "d", "p0"],
+            ["c", "p3", "b", "a", "d"], ["a", "p4", "d", "c", "b"]]
+  scores = -np.arange(25, dtype=np.float32).reshape(5, 5)  # ranks only: the stored vectors give the scores
+  calls = []
+
+  def vectors_of(wanted, first):
+    calls.append((wanted, first))
+    return {d: np.asarray(corpus[d], np.float32) for d in wanted if d in corpus}
+  records, unguarded = rounds._mined_records("sw", items, queries, scores, docids, 1, 3, vectors_of)
+  assert unguarded == 1 and len(calls) == 1 and calls[0][1] is True
+  got = [(r["query_id"], r["docid"], r["rank"], r["search_score"], r["score_negative"], r["score_positive"],
+          r["score_best_bm25"]) for r in records]
+  assert got == [("q0", "c", 2, -3.0, 1.0, 1.0, 0.5), ("q0", "d", 3, -4.0, 0.25, 1.0, 0.5),
+                 ("q1", "a", 2, -8.0, 0.0, 1.0, None), ("q1", "d", 3, -9.0, 0.0, 1.0, None),
+                 ("q3", "b", 2, -17.0, 3.0, 3.0, None), ("q3", "a", 3, -18.0, 4.0, 3.0, None),
+                 ("q4", "d", 2, -22.0, 0.25, 0.0, 0.5),
+                 ("q4", "c", 3, -23.0, -1.0, 0.0, 0.5)]
+  assert all(r["language"] == "sw" and r["technique"] == "mined" and r["accepted"] for r in records)
+  assert [r["row"] for r in records] == [10, 10, 11, 11, 13, 13, 14, 14]
+  # In chunks of 2 queries (Mr.TyDi's 4,096 at a time): the same records, the order check on the first only.
+  calls.clear()
+  assert rounds._mined_records("sw", items, queries, scores, docids, 1, 3, vectors_of, chunk=2) == (records, 1)
+  assert [first for _, first in calls] == [True, False, False]
+  assert calls[2][0] == ["p4", "n0", "d", "a", "c", "b"]  # the last chunk asks for its own query's passages only
+
+
 def test_tokenizer_fingerprint_ignores_the_last_calls_truncation(tokenizer):
   from axl_jax import tokenization
   before = tokenization.fingerprint(tokenizer)

@@ -263,6 +263,47 @@ def _shard_vectors(corpus: prepared.Corpus, directory: str, docids: list[str],
   return dict(zip(present, vectors))
 
 
+_MINE_CHUNK = 4096  # training queries encoded, and their passages' vectors read, at a time
+
+
+def _mined_records(language: str, items: list, query_vectors: np.ndarray, scores: np.ndarray, docids: list,
+                   skip: int, depth: int, vectors_of, chunk: int = _MINE_CHUNK) -> tuple[list[dict], int]:
+  """One language's mined candidate records from its queries' search hits, and how many queries got none
+  because their positive is not in the corpus (no guard without its score).
+
+  ``items``: ``(row, query_id, positive docid, judged relevant docids, BM25 negative docids)`` per query, with
+  its ``query_vectors`` row and its hits (``scores``, ``docids``, best first). Hits judged relevant are
+  removed, then ranks ``skip + 1 .. depth`` of the rest are kept. ``vectors_of(docids, first)`` gives the
+  float32 vectors of those docids the corpus has (``first``: the first call), asked for ``chunk`` queries'
+  passages at a time; a hit the corpus lacks is left out.
+  """
+  records, unguarded = [], 0
+  for begin in range(0, len(items), chunk):
+    part = slice(begin, begin + chunk)
+    # The mined passages are scored here too, in float32 from the stored vectors like their positive: the
+    # search may have rounded the query (FAISS's float16 GEMM on GPUs); it only ranks them.
+    vectors = vectors_of(list(dict.fromkeys(
+        docid for (_, _, positive, _, bm25), hits in zip(items[part], docids[part])
+        for docid in [positive, *bm25, *hits])), begin == 0)
+    for (row, query_id, positive_docid, judged, bm25), query, row_scores, row_docids in zip(
+        items[part], query_vectors[part], scores[part], docids[part]):
+      if positive_docid not in vectors:
+        unguarded += 1
+        continue
+      hits = [(docid, float(score)) for docid, score in zip(row_docids, row_scores)
+              if docid not in judged and docid in vectors]
+      score_positive = float(query @ vectors[positive_docid])
+      score_bm25 = max((float(query @ vectors[docid]) for docid in bm25 if docid in vectors), default=None)
+      # Ids and ranks only: the texts stay in the corpus (1.3M records of 48.7K queries at depth 30).
+      for rank, (docid, score) in enumerate(hits[skip:depth], start=skip + 1):
+        records.append({"row": row, "query_id": query_id, "source_docid": positive_docid, "language": language,
+                        "technique": "mined", "docid": docid, "rank": rank, "search_score": score,
+                        "score_negative": float(query @ vectors[docid]),
+                        "score_positive": score_positive, "score_best_bm25": score_bm25,
+                        "accepted": True, "reject_reason": None})
+  return records, unguarded
+
+
 def mine(ctx, encoder: embeddings.Encoder, rows) -> list[dict]:
   """The retriever's own hard negatives: for each training query, its top passages (by ``encoder``, exact
   search over the corpus embeddings) that are not judged relevant, from the ``mine_skip``-th to the
@@ -292,8 +333,8 @@ def mine(ctx, encoder: embeddings.Encoder, rows) -> list[dict]:
   # language -> [(row, query_id, positive docid, judged relevant docids, BM25 negative docids)]
   queries: dict[str, list] = {}
   vectors: dict[str, list] = {}
-  for start in range(block.start, block.stop, 4096):
-    examples = rows.examples(range(start, min(start + 4096, block.stop)))
+  for start in range(block.start, block.stop, _MINE_CHUNK):
+    examples = rows.examples(range(start, min(start + _MINE_CHUNK, block.stop)))
     encoded = encoder.encode([e.query for e in examples], "query", adversarial_config.score_batch_size)
     for row, (example, vector) in enumerate(zip(examples, encoded), start=start):
       queries.setdefault(example.language, []).append(
@@ -308,31 +349,10 @@ def mine(ctx, encoder: embeddings.Encoder, rows) -> list[dict]:
     scores, docids = search.search_shards(query_vectors, embeddings.load_shards(directories[language], "corpus"),
                                           depth + most_positives)
     corpus = store.corpus(prepared.corpus_spec(config, language), language)
-    unguarded = 0
-    for begin in range(0, len(items), 4096):  # positives' and BM25 negatives' vectors, 4096 queries at a time
-      chunk = slice(begin, begin + 4096)
-      # The mined passages are scored here too, in float32 from the stored vectors like their positive: the
-      # search may have rounded the query (FAISS's float16 GEMM on GPUs); it only ranks them.
-      shard_vectors = _shard_vectors(corpus, directories[language], list(dict.fromkeys(
-          docid for (_, _, positive, _, bm25), hits in zip(items[chunk], docids[chunk])
-          for docid in [positive, *bm25, *hits])), check_order=begin == 0)
-      for (row, query_id, positive_docid, judged, bm25), query, row_scores, row_docids in zip(
-          items[chunk], query_vectors[chunk], scores[chunk], docids[chunk]):
-        if positive_docid not in shard_vectors:  # no guard without the positive's score: no mined negatives
-          unguarded += 1
-          continue
-        hits = [(docid, float(score)) for docid, score in zip(row_docids, row_scores)
-                if docid not in judged and docid in shard_vectors]
-        score_positive = float(query @ shard_vectors[positive_docid])
-        score_bm25 = max((float(query @ shard_vectors[docid]) for docid in bm25 if docid in shard_vectors),
-                         default=None)
-        # Ids and ranks only: the texts stay in the corpus (1.3M records of 48.7K queries at depth 30).
-        for rank, (docid, score) in enumerate(hits[skip:depth], start=skip + 1):
-          mined.append({"row": row, "query_id": query_id, "source_docid": positive_docid, "language": language,
-                        "technique": "mined", "docid": docid, "rank": rank, "search_score": score,
-                        "score_negative": float(query @ shard_vectors[docid]),
-                        "score_positive": score_positive, "score_best_bm25": score_bm25,
-                        "accepted": True, "reject_reason": None})
+    records, unguarded = _mined_records(
+        language, items, query_vectors, scores, docids, skip, depth,
+        lambda wanted, first: _shard_vectors(corpus, directories[language], wanted, check_order=first))
+    mined += records
     if unguarded:
       logging.warning("%s: %s: the positive passage of %d training queries is not in the corpus %s: no mined "
                       "negatives for them", ctx.name, language, unguarded, prepared.corpus_spec(config, language))
