@@ -188,12 +188,14 @@ def test_a_killed_process_and_both_restarted_train_like_an_uninterrupted_run(tmp
 
 
 def _pipeline(workdir: str, processes: int, devices_per_process: int) -> None:
-  """``axl_jax.main`` on the tiny config (finetune, a rules round, the plots), as each host of a launch runs it."""
+  """``axl_jax.main`` on the tiny config (finetune, a round with rule-made and mined negatives, the plots), as
+  each host of a launch runs it."""
   coordinator = f"127.0.0.1:{_free_port()}"
   flags = [f"--coordinator_address={coordinator}", f"--num_processes={processes}"] if processes > 1 else []
   running = [subprocess.Popen(
       [sys.executable, "-m", "axl_jax.main", "--config=tests/configs/tiny.py", f"--workdir={workdir}",
        "--config.stages=finetune,round_1,visualize", "--config.generator.backend=rules", "--config.generator.shard_size=8",
+       "--config.adversarial.sources=generated,mined", "--config.adversarial.mine_depth=5",
        *flags, *([f"--process_id={index}"] if processes > 1 else [])],
       env=_env(devices_per_process), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for index in range(processes)]
@@ -205,7 +207,7 @@ def _pipeline(workdir: str, processes: int, devices_per_process: int) -> None:
       assert f"negatives (host {index} of {processes})" in log
 
 
-def test_a_rules_round_on_two_processes_keeps_the_negatives_of_one(tmp_path):
+def test_a_round_on_two_processes_keeps_the_negatives_of_one(tmp_path):
   from axl_jax import io
   from axl_jax.negatives.records import read_records
   _pipeline(str(tmp_path / "one"), 1, 4)
@@ -213,10 +215,19 @@ def test_a_rules_round_on_two_processes_keeps_the_negatives_of_one(tmp_path):
   one, two = (os.path.join(tmp_path, name, "round_1") for name in ("one", "two"))
   # Each process generated every other shard; together they are the one-process set.
   assert read_records(os.path.join(two, "negatives")) == read_records(os.path.join(one, "negatives"))
+  # Each process mined a block of the training queries; together, the one-process list.
+  mined_one, mined_two = (io.read_jsonl(os.path.join(d, "mined.jsonl")) for d in (one, two))
+  assert len(os.listdir(os.path.join(two, "mined"))) == 2 and not os.path.exists(os.path.join(one, "mined"))
+  ranked = lambda mined: [(r["language"], r["query_id"], r["docid"], r["rank"]) for r in mined]
+  assert ranked(mined_two) == ranked(mined_one) and mined_one
+  for field in ("score_negative", "score_positive"):
+    np.testing.assert_allclose([r[field] for r in mined_two], [r[field] for r in mined_one], atol=1e-4)
   decisions_one, decisions_two = (io.read_jsonl(os.path.join(d, "decisions.jsonl")) for d in (one, two))
-  assert len(decisions_one) == len(decisions_two) > 20
-  kept = lambda decisions: [(d["language"], d["query_id"], d["technique"], d["text"]) for d in decisions if d["kept"]]
-  assert kept(decisions_two) == kept(decisions_one) and kept(decisions_one)
+  assert len(decisions_one) == len(decisions_two) > 20 + len(mined_one)
+  kept = lambda decisions: [(d["language"], d["query_id"], d["technique"], d.get("text"), d.get("docid"))
+                            for d in decisions if d["kept"]]
+  assert kept(decisions_two) == kept(decisions_one)
+  assert {d["technique"] for d in decisions_one if d["kept"]} > {"mined"}
   for field in ("score_positive", "score_negative"):
     np.testing.assert_allclose([d[field] for d in decisions_two], [d[field] for d in decisions_one], atol=1e-4)
   # Each process scored a block of the candidates.
